@@ -1,0 +1,10 @@
+# Copyright 2026 mpseg developers. Licensed under the Apache License, Version 2.0.
+"""Placeholder: being written."""
+
+__all__ = ["MSDeformAttn", ]
+
+
+
+class MSDeformAttn:
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError("MSDeformAttn is not implemented yet")

@@ -1,0 +1,10 @@
+# Copyright 2026 mpseg developers. Licensed under the Apache License, Version 2.0.
+"""Placeholder: being written."""
+
+__all__ = ["PositionEmbeddingSine", ]
+
+
+
+class PositionEmbeddingSine:
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError("PositionEmbeddingSine is not implemented yet")

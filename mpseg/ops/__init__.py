@@ -1,0 +1,8 @@
+# Copyright 2026 mpseg developers. Licensed under the Apache License, Version 2.0.
+"""Functional ops. Nothing here imports a layer."""
+
+from ._reference import ms_deform_attn_reference
+from .ms_deform_attn import available_backends, ms_deform_attn
+from .point_sample import point_sample
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "available_backends", "point_sample"]
