@@ -5,7 +5,14 @@ Data flows one way: ``ops`` (functional, compiled kernels) -> ``layers`` (``nn.M
 criterion) -> ``inference`` / ``diagnostics``. Everything public is re-exported here.
 """
 
-from .ops import available_backends, ms_deform_attn, ms_deform_attn_reference, point_sample
+from .ops import (
+    available_backends,
+    ms_deform_attn,
+    ms_deform_attn_reference,
+    point_sample,
+    sample_masks_at_points,
+    sample_uncertain_points,
+)
 from .layers import (
     MaskedAttentionDecoder,
     MaskPilot,
@@ -14,7 +21,7 @@ from .layers import (
     MSDeformAttnPixelDecoder,
     PositionEmbeddingSine,
 )
-from .training import HungarianMatcher, SetCriterion
+from .training import DEFAULT_WEIGHT_DICT, HungarianMatcher, SetCriterion, dice_loss, sigmoid_ce_loss
 from .inference import instance_inference, panoptic_inference, semantic_inference
 from .diagnostics import layer_consistency
 from . import convert
@@ -28,6 +35,8 @@ __all__ = [
     "ms_deform_attn",
     "ms_deform_attn_reference",
     "point_sample",
+    "sample_uncertain_points",
+    "sample_masks_at_points",
     # layers
     "MSDeformAttn",
     "PositionEmbeddingSine",
@@ -38,6 +47,9 @@ __all__ = [
     # training
     "HungarianMatcher",
     "SetCriterion",
+    "DEFAULT_WEIGHT_DICT",
+    "sigmoid_ce_loss",
+    "dice_loss",
     # inference and diagnostics
     "semantic_inference",
     "panoptic_inference",

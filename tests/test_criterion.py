@@ -12,10 +12,10 @@ from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
 import mpseg
 from mpseg import HungarianMatcher, SetCriterion
-from mpseg.ops.point_sample import point_sample
+from mpseg.ops.point_sampling import point_sample
 
 # The submodule, not the function that mpseg.ops re-exports under the same name.
-point_sample_module = importlib.import_module("mpseg.ops.point_sample")
+point_sample_module = importlib.import_module("mpseg.ops.point_sampling")
 matcher_module = importlib.import_module("mpseg.training.matcher")
 
 K = 5
@@ -98,9 +98,10 @@ def test_matches_transformers_values_and_gradients(seed):
         importance_sample_ratio=0.75, class_weight=1.0, mask_weight=5.0, dice_weight=5.0,
     )
     torch.manual_seed(50 + seed)
+    hf_aux = [{"masks_queries_logits": a["pred_masks"], "class_queries_logits": a["pred_logits"]} for a in aux]
+    masks, labels = [t["masks"].float() for t in targets], [t["labels"] for t in targets]
     theirs = Mask2FormerLoss(config, weight_dict={})(
-        final["pred_masks"], final["pred_logits"], [t["masks"].float() for t in targets], [t["labels"] for t in targets],
-        auxiliary_predictions=[{"masks_queries_logits": a["pred_masks"], "class_queries_logits": a["pred_logits"]} for a in aux],
+        final["pred_masks"], final["pred_logits"], masks, labels, auxiliary_predictions=hf_aux
     )
     assert len(theirs) == 9 and set(ours) == {k.replace("cross_entropy", "ce") for k in theirs} | {"loss"}
     for key, value in theirs.items():
@@ -176,7 +177,8 @@ def test_pilot_losses_by_hand(fixed_points, give_num_groups):
     points = fixed_points(40)
     assert_losses(losses, reference_losses(pilot, targets, pairs, points, num_masks=6), "_mp")
     for i in range(2):
-        assert_losses(losses, reference_losses(pilot["aux_outputs"][i], targets, pairs, points, num_masks=6), f"_mp_{i}")
+        expected = reference_losses(pilot["aux_outputs"][i], targets, pairs, points, num_masks=6)
+        assert_losses(losses, expected, f"_mp_{i}")
     # The matching queries' losses do not depend on the pilots.
     for key, value in without_pilot.items():
         if key != "loss":
@@ -193,7 +195,8 @@ def test_pilot_with_fewer_layers_and_no_objects(fixed_points):
     outputs = {**prediction(g, 2, 4), "aux_outputs": [prediction(g, 2, 4) for _ in range(3)]}
     pilot = {**prediction(g, 2, 2, requires_grad=True), "target_index": torch.full((2, 2), -1, dtype=torch.int64)}
     pilot["aux_outputs"] = [prediction(g, 2, 2)]  # pilot_layers = 1: fewer pilot predictions than layers
-    losses = SetCriterion(K, HungarianMatcher(num_points=16), num_points=16)({**outputs, "pilot_outputs": pilot}, targets)
+    criterion = SetCriterion(K, HungarianMatcher(num_points=16), num_points=16)
+    losses = criterion({**outputs, "pilot_outputs": pilot}, targets)
     assert {k for k in losses if "_mp" in k} == {"loss_ce_mp", "loss_mask_mp", "loss_dice_mp", "loss_ce_mp_0",
                                                  "loss_mask_mp_0", "loss_dice_mp_0"}
     assert losses["loss_mask_mp"].item() == 0.0 and losses["loss_dice_mp"].item() == 0.0
@@ -300,9 +303,42 @@ def test_constructor_and_input_errors():
     with pytest.raises(ValueError, match=r"aux_outputs'\]\[0\]\['pred_masks'\] must be a Tensor"):
         criterion({**prediction(g, 1, 3), "aux_outputs": [{"pred_logits": torch.zeros(1, 3, 6), "pred_masks": None}]},
                   make_targets(g, (1,)))
+    with pytest.raises(ValueError, match=r"\[0\]\['pred_logits'\] must be \[B, \*, K\+1\] with B, K\+1 = 1, 6"):
+        criterion({**prediction(g, 1, 3), "aux_outputs": [prediction(g, 2, 3)]}, make_targets(g, (1,)))
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         SetCriterion(0, HungarianMatcher())
     with pytest.raises(ValueError, match="importance_sample_ratio"):
         SetCriterion(K, HungarianMatcher(), importance_sample_ratio=2.0)
     with pytest.raises(TypeError, match="matcher must be callable"):
         SetCriterion(K, None)
+
+
+def test_loss_functions_and_pairwise_costs_by_hand():
+    from mpseg.training.losses import (
+        dice_loss, pairwise_dice_cost, pairwise_mask_costs, pairwise_sigmoid_ce_cost, sigmoid_ce_loss,
+    )
+
+    g = torch.Generator().manual_seed(12)
+    # Extreme logits included: the softplus identity must hold where sigmoid saturates.
+    logits = torch.cat([torch.randn(3, 50, generator=g) * 4, torch.tensor([[-120.0, 95.0, 0.0, 30.0, -30.0] * 10])])
+    targets = torch.rand(5, 50, generator=g).round()
+    targets[0, :25] = torch.rand(25, generator=g)  # soft targets are allowed too
+    ce, dice = pairwise_mask_costs(logits, targets)
+    torch.testing.assert_close(ce, pairwise_sigmoid_ce_cost(logits, targets))
+    torch.testing.assert_close(dice, pairwise_dice_cost(logits, targets))
+    for q in range(4):
+        for t in range(5):
+            x, y = logits[q].double(), targets[t].double()
+            bce = torch.mean(torch.clamp(x, min=0) - x * y + torch.log1p(torch.exp(-x.abs())))
+            p = x.sigmoid()
+            d = 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+            assert float(ce[q, t]) == pytest.approx(float(bce), rel=1e-5, abs=1e-6)
+            assert float(dice[q, t]) == pytest.approx(float(d), rel=1e-5, abs=1e-6)
+    # Batched leading dimensions broadcast like matmul.
+    batched = pairwise_mask_costs(torch.stack([logits, logits.flip(0)]), torch.stack([targets, targets]))[0]
+    torch.testing.assert_close(batched[1], pairwise_sigmoid_ce_cost(logits.flip(0), targets))
+    # Matched losses: the diagonal of the pairwise costs, summed and normalised.
+    pairs = targets[:4]
+    assert float(sigmoid_ce_loss(logits, pairs, 2.0)) == pytest.approx(float(ce.diagonal().sum() / 2), rel=1e-5)
+    assert float(dice_loss(logits, pairs, 2.0)) == pytest.approx(float(dice.diagonal().sum() / 2), rel=1e-5)
+    assert float(sigmoid_ce_loss(logits[:0], pairs[:0], 1.0)) == 0.0

@@ -10,7 +10,7 @@ import transformers.models.mask2former.modeling_mask2former as hf_mask2former
 
 import mpseg
 from mpseg import HungarianMatcher
-from mpseg.ops.point_sample import point_sample
+from mpseg.ops.point_sampling import point_sample
 
 
 def make_batch(seed, counts, num_queries=12, num_classes=6, pred_size=(16, 16), target_size=(48, 40)):
@@ -74,11 +74,12 @@ def capture_hf(monkeypatch, outputs, targets, num_points, seed):
         return original(cost)
 
     monkeypatch.setattr(hf_mask2former, "linear_sum_assignment", spy)
-    matcher = hf_mask2former.Mask2FormerHungarianMatcher(cost_class=1.0, cost_mask=5.0, cost_dice=5.0, num_points=num_points)
-    torch.manual_seed(seed)
-    indices = matcher(
-        outputs["pred_masks"], outputs["pred_logits"], [t["masks"].float() for t in targets], [t["labels"] for t in targets]
+    matcher = hf_mask2former.Mask2FormerHungarianMatcher(
+        cost_class=1.0, cost_mask=5.0, cost_dice=5.0, num_points=num_points
     )
+    torch.manual_seed(seed)
+    masks, labels = [t["masks"].float() for t in targets], [t["labels"] for t in targets]
+    indices = matcher(outputs["pred_masks"], outputs["pred_logits"], masks, labels)
     return indices, captured
 
 
@@ -168,16 +169,15 @@ def test_unavoidable_nonfinite_cost_still_gives_a_full_assignment():
 
 def test_costs_in_float32_under_autocast_and_for_half_inputs():
     outputs, targets = make_batch(7, counts=(3, 2))
-    reference = HungarianMatcher(num_points=128).cost_matrices(outputs, targets, generator=torch.Generator().manual_seed(2))
+    matcher = HungarianMatcher(num_points=128)
+    reference = matcher.cost_matrices(outputs, targets, generator=torch.Generator().manual_seed(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = HungarianMatcher(num_points=128).cost_matrices(
-            outputs, targets, generator=torch.Generator().manual_seed(2)
-        )
+        under_autocast = matcher.cost_matrices(outputs, targets, generator=torch.Generator().manual_seed(2))
     for a, b in zip(under_autocast, reference):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b)
     half = {k: v.bfloat16() for k, v in outputs.items()}
-    half_costs = HungarianMatcher(num_points=128).cost_matrices(half, targets, generator=torch.Generator().manual_seed(2))
+    half_costs = matcher.cost_matrices(half, targets, generator=torch.Generator().manual_seed(2))
     for a, b in zip(half_costs, reference):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)

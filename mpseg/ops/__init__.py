@@ -3,6 +3,13 @@
 
 from ._reference import ms_deform_attn_reference
 from .ms_deform_attn import available_backends, ms_deform_attn
-from .point_sample import point_sample
+from .point_sampling import point_sample, sample_masks_at_points, sample_uncertain_points
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "available_backends", "point_sample"]
+__all__ = [
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
+    "available_backends",
+    "point_sample",
+    "sample_uncertain_points",
+    "sample_masks_at_points",
+]

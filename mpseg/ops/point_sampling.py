@@ -62,8 +62,14 @@ def uniform_points(
     Returns:
         Tensor[N, P, 2]: float32 (x, y) in [0, 1).
     """
-    if generator is not None and device is None:
-        device = generator.device
+    if generator is not None:
+        if device is None:
+            device = generator.device
+        elif torch.device(device).type != generator.device.type:
+            raise ValueError(
+                f"generator is on {generator.device} but the points are drawn on {torch.device(device)}: pass "
+                f"torch.Generator(device={torch.device(device).type!r}) (the generator follows the predictions' device)"
+            )
     return torch.rand(num_sets, num_points, 2, device=device, generator=generator)
 
 
@@ -172,9 +178,9 @@ def sample_masks_at_points(
     if height * width == 0 or num_rows == 0:  # nothing to read: every point is padding
         return torch.zeros(num_rows, num_points, dtype=dtype, device=masks.device)
 
-    # grid_sample's unnormalisation for align_corners=False, written as its CPU kernel computes it, so that results agree
-    # to rounding: pixel = (g + 1) * (size / 2) - 0.5 with g = 2c - 1.
-    coords = point_coords.to(torch.float32)
+    # grid_sample's unnormalisation for align_corners=False, written as its CPU kernel computes it, so that results
+    # agree to rounding: pixel = (g + 1) * (size / 2) - 0.5 with g = 2c - 1.
+    coords = point_coords.to(torch.promote_types(point_coords.dtype, torch.float32))
     x = (2.0 * coords[..., 0] - 1.0 + 1.0) * (canvas_w / 2.0) - 0.5
     y = (2.0 * coords[..., 1] - 1.0 + 1.0) * (canvas_h / 2.0) - 0.5
     x0f = torch.floor(x)
@@ -184,25 +190,29 @@ def sample_masks_at_points(
     x0 = x0f.to(torch.int64)
     y0 = y0f.to(torch.int64)
 
-    flat = masks.reshape(num_masks, height * width)
-    if mask_index is not None:
-        rows = mask_index.to(masks.device).unsqueeze(1)  # [R, 1]
-    result = torch.zeros(num_rows, num_points, dtype=dtype, device=masks.device)
+    # The four neighbours of every point, stacked on dim -2: index and bilinear weight [..., 4, P]. Neighbours outside
+    # the mask (padding, canvas) get weight 0, as grid_sample's zero padding gives them.
+    indices, weights = [], []
     for dy, wy in ((0, 1.0 - wy1), (1, wy1)):
         for dx, wx in ((0, 1.0 - wx1), (1, wx1)):
             xi = x0 + dx
             yi = y0 + dy
-            # Neighbours outside the mask (padding or canvas) contribute zero, as grid_sample's zero padding does.
             inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-            index = yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)
-            if shared:
-                values = flat.index_select(1, index)
-            elif mask_index is not None:
-                values = flat[rows, index]  # gathers R x P values; the selected masks are never copied
-            else:
-                values = torch.gather(flat, 1, index)
-            result += values.to(dtype) * (wx * wy * inside).to(dtype)
-    return result
+            indices.append(yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1))
+            weights.append(wx * wy * inside)
+    index = torch.stack(indices, dim=-2)
+    weight = torch.stack(weights, dim=-2).to(dtype)
+
+    # One gather of 4 * P values per row from the original (e.g. bool) masks, one conversion of those to float.
+    flat = masks.reshape(num_masks, height * width)
+    if shared:
+        values = flat.index_select(1, index.flatten())
+    elif mask_index is not None:
+        rows = mask_index.to(masks.device).unsqueeze(1)  # [R, 1]; the selected masks are never copied
+        values = flat[rows, index.flatten(1)]
+    else:
+        values = torch.gather(flat, 1, index.flatten(1))
+    return (values.view(num_rows, 4, num_points).to(dtype) * weight).sum(-2)
 
 
 def logit_uncertainty(logits: Tensor) -> Tensor:
@@ -252,7 +262,8 @@ def sample_uncertain_points(
     uncertainty = uncertainty_func(point_sample(logits, coords))  # [N, 1, P']
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
-    index = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1).indices
+    # The kept points are a set (the losses average over them): sorted=False selects the same set at half the cost.
+    index = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1, sorted=False).indices
     coords = torch.gather(coords, 1, index.unsqueeze(-1).expand(-1, -1, 2))
     if num_random > 0:
         extra = uniform_points(num_masks, num_random, device=logits.device, generator=generator)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.point_sample import point_sample, sample_masks_at_points, sample_uncertain_points
+from ..ops.point_sampling import point_sample, sample_masks_at_points, sample_uncertain_points
 from .losses import dice_loss, sigmoid_ce_loss
 from .matcher import _canvas_size, _describe, _validate_prediction, _validate_targets
 
@@ -158,31 +158,37 @@ class SetCriterion(nn.Module):
         num_masks = self.num_masks(targets, logits.device)
 
         pilot = outputs.get("pilot_outputs")
+        pilot_aux = []
         if pilot is not None:
             pilot_indices, num_groups = self.pilot_assignment(pilot, targets)
             pilot_num_masks = num_masks * num_groups
             pilot_aux = list(pilot.get("aux_outputs") or [])
+        aux_outputs = list(outputs.get("aux_outputs") or [])
 
         losses: dict[str, Tensor] = {}
 
-        def add(prediction: dict, indices: Assignment, normaliser: Tensor, suffix: str, name: str) -> None:
-            _validate_prediction(prediction, name)
+        def add(prediction: dict, indices: Assignment | None, normaliser: Tensor, suffix: str, name: str) -> None:
+            pred_logits, _ = _validate_prediction(prediction, name)
+            if pred_logits.shape[0] != logits.shape[0] or pred_logits.shape[-1] != logits.shape[-1]:
+                raise ValueError(
+                    f"{name}['pred_logits'] must be [B, *, K+1] with B, K+1 = {logits.shape[0]}, {logits.shape[-1]} "
+                    f"as in outputs['pred_logits'], got shape {tuple(pred_logits.shape)}"
+                )
+            if indices is None:  # matching queries: Hungarian matching of this very prediction
+                indices = self.matcher(prediction, targets, generator=generator)
             for key, value in self.prediction_losses(prediction, targets, indices, normaliser, generator).items():
                 losses[key + suffix] = value
 
-        add(outputs, self.matcher(outputs, targets, generator=generator), num_masks, "", "outputs")
+        # Official order (final, final pilot, then layer by layer), so seeded runs draw the same points.
+        add(outputs, None, num_masks, "", "outputs")
         if pilot is not None:
             add(pilot, pilot_indices, pilot_num_masks, "_mp", "outputs['pilot_outputs']")
-        aux_outputs = list(outputs.get("aux_outputs") or [])
-        for i, aux in enumerate(aux_outputs):
-            name = f"outputs['aux_outputs'][{i}]"
-            _validate_prediction(aux, name)
-            add(aux, self.matcher(aux, targets, generator=generator), num_masks, f"_{i}", name)
-            if pilot is not None and i < len(pilot_aux):
-                add(pilot_aux[i], pilot_indices, pilot_num_masks, f"_mp_{i}", f"outputs['pilot_outputs']['aux_outputs'][{i}]")
-        if pilot is not None:
-            for i in range(len(aux_outputs), len(pilot_aux)):
-                add(pilot_aux[i], pilot_indices, pilot_num_masks, f"_mp_{i}", f"outputs['pilot_outputs']['aux_outputs'][{i}]")
+        for i in range(max(len(aux_outputs), len(pilot_aux))):
+            if i < len(aux_outputs):
+                add(aux_outputs[i], None, num_masks, f"_{i}", f"outputs['aux_outputs'][{i}]")
+            if i < len(pilot_aux):
+                name = f"outputs['pilot_outputs']['aux_outputs'][{i}]"
+                add(pilot_aux[i], pilot_indices, pilot_num_masks, f"_mp_{i}", name)
 
         losses["loss"] = self.weighted_sum(losses)
         return losses
@@ -248,7 +254,8 @@ class SetCriterion(nn.Module):
         target_index = pilot_outputs["target_index"]
         if not isinstance(target_index, Tensor) or target_index.dtype != torch.int64 or target_index.dim() != 2:
             raise ValueError(
-                f"outputs['pilot_outputs']['target_index'] must be an int64 Tensor [B, Np], got {_describe(target_index)}"
+                "outputs['pilot_outputs']['target_index'] must be an int64 Tensor [B, Np], "
+                f"got {_describe(target_index)}"
             )
         if target_index.shape != logits.shape[:2]:
             raise ValueError(
