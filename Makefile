@@ -27,12 +27,16 @@ test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The op tests again, against a C++-only build with AddressSanitizer + UndefinedBehaviorSanitizer (JIT-built into its
-# own cache folder; the regular extension is not touched).
-test-sanitize: setup
-	MPSEG_SANITIZE=1 MPSEG_EXTENSION=jit MPSEG_CACHE_DIR=$(CURDIR)/build/sanitize \
+# own cache folder; the regular extension is not touched). The sanitizer runtimes must be the first libraries of the
+# Python process, hence LD_PRELOAD; the first command builds (and checks) the sanitizer build, the second runs the op
+# tests marked `sanitize` against it.
+SANITIZE_ENV := MPSEG_SANITIZE=1 MPSEG_NO_CUDA=1 MPSEG_EXTENSION=jit MPSEG_CACHE_DIR=$(CURDIR)/build/sanitize \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-	$(PY) -m pytest tests -m "sanitize" -p no:cacheprovider $(PYTEST_ARGS)
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)"
+test-sanitize: setup
+	$(SANITIZE_ENV) $(PY) -c "from mpseg import _extension as e; s = e.load(); assert s.loaded, s.reason(); \
+	assert e.build_info()['sanitize'], 'not a sanitizer build'; print('mpseg: sanitizer build in', s.path)"
+	$(SANITIZE_ENV) $(PY) -m pytest tests/test_ms_deform_attn.py -m "sanitize" -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_ms_deform_attn.py

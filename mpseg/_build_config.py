@@ -100,7 +100,7 @@ def compile_args(with_cuda: bool) -> dict[str, list[str]]:
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     if _sanitize():
         cxx = ["-O1", "-g", "-fopenmp", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-               "-fno-sanitize-recover=undefined"]
+               "-fno-sanitize-recover=undefined", "-DMPSEG_SANITIZE"]
     if with_cuda:
         cxx.append("-DMPSEG_WITH_CUDA")
     args = {"cxx": cxx}

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from . import _build_config
+from . import _build_config, _config
 
-__all__ = ["ExtensionStatus", "load", "status", "is_loaded", "build_info"]
+__all__ = ["ExtensionStatus", "load", "status", "is_loaded", "build_info", "warn_fallback_once"]
 
 
 @dataclass
@@ -49,13 +49,11 @@ class ExtensionStatus:
 _STATUS = ExtensionStatus()
 _LOCK = threading.Lock()
 _WARNED = False
+_BUILD_INFO: dict | None = None
 
 
 def _mode() -> str:
-    mode = os.environ.get("MPSEG_EXTENSION", "auto").strip().lower()
-    if mode not in ("auto", "prebuilt", "jit", "none"):
-        raise ValueError(f"MPSEG_EXTENSION must be one of auto, prebuilt, jit, none; got {mode!r}")
-    return mode
+    return _config.extension_mode()
 
 
 def _load_prebuilt() -> str:
@@ -76,6 +74,11 @@ def _cache_dir(csrc: Path, with_cuda: bool) -> Path:
 
 
 def _load_jit() -> str:
+    if "torch.utils.cpp_extension" not in sys.modules and not os.environ.get("CUDA_HOME"):
+        # cpp_extension reads CUDA_HOME once, at import, and guesses wrong behind an nvcc wrapper script.
+        cuda_home = _build_config.find_cuda_home()
+        if cuda_home:
+            os.environ["CUDA_HOME"] = cuda_home
     from torch.utils import cpp_extension
 
     csrc = _build_config.find_csrc()
@@ -133,9 +136,10 @@ def load() -> ExtensionStatus:
                 result.errors.append(f"{name}: {type(exc).__name__}: {first_line}")
         _STATUS = result
         if result.loaded:
-            from .ops import ms_deform_attn as _msda  # registrations need the C++ schema: run them now
+            # The Python registrations (autograd, fake, autocast) need the C++ schema: run them now.
+            from .ops.ms_deform_attn import _register_kernels
 
-            _msda._register_kernels()
+            _register_kernels()
     return _STATUS
 
 
@@ -159,6 +163,7 @@ def warn_fallback_once(what: str) -> None:
 
 def build_info() -> dict:
     """What the loaded extension was built with (torch version, CUDA, archs, OpenMP), or ``{}`` if none is loaded."""
-    if not load().loaded:
-        return {}
-    return json.loads(torch.ops.mpseg._build_info())
+    global _BUILD_INFO
+    if _BUILD_INFO is None:
+        _BUILD_INFO = json.loads(torch.ops.mpseg._build_info()) if load().loaded else {}
+    return dict(_BUILD_INFO)

@@ -1,20 +1,294 @@
 # Copyright 2026 mpseg developers. Licensed under the Apache License, Version 2.0.
-"""Placeholder dispatch (reference only) until the kernels land."""
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021): dispatch, input checks and registrations.
+
+Three backends compute the same function: the C++ CPU kernel (``"cpu"``), the CUDA kernel (``"cuda"``), both in
+``mpseg._C`` and sharing one definition of the per-sample arithmetic (``csrc/ms_deform_attn/sampling.h``), and the
+pure-PyTorch :func:`~mpseg.ms_deform_attn_reference` (``"reference"``). The choice is automatic (the kernel of the
+inputs' device, else the reference with a one-time warning), or forced with ``backend=``, ``MPSEG_MSDA_BACKEND`` or
+:func:`use_backend`. A forced backend that cannot run raises an error listing why each backend can or cannot run.
+
+The compiled op is a real custom op (``torch.ops.mpseg.ms_deform_attn``): its autograd, fake-tensor and autocast rules
+are registered here by :func:`_register_kernels` (called once the library is loaded), so it works with
+``torch.library.opcheck`` and ``torch.compile(fullgraph=True)``, forward and backward.
+"""
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
+from .. import _config, _extension
+from .._config import use_backend
 from ._reference import ms_deform_attn_reference
 
-__all__ = ["ms_deform_attn", "available_backends"]
+__all__ = ["ms_deform_attn", "available_backends", "use_backend"]
+
+_BACKENDS = _config.MSDA_BACKENDS
+_REGISTERED = False
 
 
-def available_backends():
-    return ["reference"]
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
 
 
-def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, *, backend=None):
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+def _check_inputs(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Checks shapes, dtypes and devices (no data read); returns the level metadata as int64."""
+    names = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    for name, arg in zip(names, args):
+        if not isinstance(arg, Tensor):
+            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(arg).__name__}")
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be 4-d [B, S, M, D], got shape {_shape(value)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations must be 6-d [B, Q, M, L, P, 2], got shape {_shape(sampling_locations)}"
+        )
+    if attention_weights.dim() != 5:
+        raise ValueError(
+            f"ms_deform_attn: attention_weights must be 5-d [B, Q, M, L, P], got shape {_shape(attention_weights)}"
+        )
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be [L, 2] (H, W), got shape {_shape(spatial_shapes)}")
+    if level_start_index.dim() != 1:
+        raise ValueError(f"ms_deform_attn: level_start_index must be 1-d [L], got shape {_shape(level_start_index)}")
+    if not value.is_floating_point():
+        raise TypeError(f"ms_deform_attn: value must be a floating-point tensor, got {value.dtype}")
+    for name, arg in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+        if arg.dtype != value.dtype:
+            raise TypeError(f"ms_deform_attn: {name} must have value's dtype {value.dtype}, got {arg.dtype}")
+    for name, arg in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if arg.is_floating_point() or arg.is_complex() or arg.dtype == torch.bool:
+            raise TypeError(f"ms_deform_attn: {name} must be an integer tensor (int64), got {arg.dtype}")
+    for name, arg in zip(names[1:], args[1:]):
+        if arg.device != value.device:
+            raise ValueError(f"ms_deform_attn: {name} must be on value's device {value.device}, got {arg.device}")
+    batch, _, heads, _ = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    expected = (batch, queries, heads, levels, points, 2)
+    if _shape(sampling_locations) != expected:
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations must be [B, Q, M, L, P, 2] = {expected} (B and M of value), "
+            f"got {_shape(sampling_locations)}"
+        )
+    if _shape(attention_weights) != expected[:-1]:
+        raise ValueError(
+            f"ms_deform_attn: attention_weights must be [B, Q, M, L, P] = {expected[:-1]}, got {_shape(attention_weights)}"
+        )
+    if spatial_shapes.shape[0] != levels:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must have L = {levels} rows (the L of sampling_locations), "
+            f"got {spatial_shapes.shape[0]}"
+        )
+    if level_start_index.shape[0] != levels:
+        raise ValueError(
+            f"ms_deform_attn: level_start_index must have L = {levels} entries, got {level_start_index.shape[0]}"
+        )
+    return spatial_shapes.long(), level_start_index.long()
 
 
-def _register_kernels():
-    pass
+def _check_levels(spatial_shapes: Tensor, level_start_index: Tensor, rows: int) -> None:
+    """Checks the level metadata against value's S rows. Reads data: one device sync for CUDA inputs."""
+    if spatial_shapes.device.type == "meta":
+        return
+    levels = spatial_shapes.shape[0]
+    data = torch.cat([spatial_shapes.reshape(-1), level_start_index]).cpu().tolist()
+    shapes, starts = data[: 2 * levels], data[2 * levels :]
+    total = 0
+    for level in range(levels):
+        height, width = shapes[2 * level], shapes[2 * level + 1]
+        if height <= 0 or width <= 0:
+            raise ValueError(
+                f"ms_deform_attn: spatial_shapes[{level}] must be positive (H, W), got ({height}, {width})"
+            )
+        if starts[level] != total:
+            raise ValueError(
+                f"ms_deform_attn: level_start_index[{level}] must be {total} (sum of H*W of the earlier levels), "
+                f"got {starts[level]}; level_start_index = {starts}"
+            )
+        total += height * width
+    if total != rows:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must add up to value's S = {rows} rows (sum of H*W), got {total} from "
+            f"{[tuple(shapes[i : i + 2]) for i in range(0, 2 * levels, 2)]}"
+        )
+
+
+def _why_not(device_type: str) -> dict[str, str | None]:
+    """For each backend, ``None`` if it can run on tensors of ``device_type``, else the reason it cannot."""
+    status = _extension.load()
+    compiled = None if status.loaded else f"compiled ops not loaded ({status.reason()})"
+    reasons: dict[str, str | None] = {}
+    reasons["cpu"] = compiled or (None if device_type == "cpu" else f"inputs are on {device_type}, not cpu")
+    cuda = compiled
+    if cuda is None and not _extension.build_info().get("with_cuda", False):
+        cuda = "mpseg._C was built without CUDA"
+    if cuda is None and device_type != "cuda":
+        cuda = f"inputs are on {device_type}, not cuda"
+    reasons["cuda"] = cuda
+    reasons["reference"] = None
+    return reasons
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(requested: str | None, device_type: str) -> str:
+    # Under torch.compile this runs once at trace time and its result is a constant of the graph, so the extension
+    # loading and bookkeeping below never need to be traced. `requested` is read by the traced caller (from the
+    # argument or mpseg._config), so dynamo guards on it and a new choice recompiles.
+    reasons = _why_not(device_type)
+    if requested is None:
+        if device_type in ("cpu", "cuda"):
+            if reasons[device_type] is None:
+                return device_type
+            _extension.warn_fallback_once(f"ms_deform_attn on {device_type} ({reasons[device_type]})")
+        return "reference"
+    if reasons[requested] is not None:
+        listed = "; ".join(f"{name}: {why or 'can run'}" for name, why in reasons.items())
+        raise RuntimeError(f"ms_deform_attn: backend {requested!r} cannot run on {device_type} tensors. {listed}")
+    return requested
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Names of the backends of :func:`ms_deform_attn` that can run in this process.
+
+    Args:
+        device: only backends that can run on tensors of this device (e.g. ``"cpu"``, ``"cuda:0"``); by default,
+            backends that can run on some device present here.
+
+    Returns:
+        list[str]: a subset of ``["cpu", "cuda", "reference"]``.
+    """
+    if device is not None:
+        reasons = _why_not(torch.device(device).type)
+        return [name for name, why in reasons.items() if why is None]
+    names = [name for name, why in _why_not("cpu").items() if why is None]
+    if torch.cuda.is_available() and _why_not("cuda")["cuda"] is None:
+        names.insert(1, "cuda")
+    return names
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Multi-scale deformable attention: attention-weighted bilinear samples of multi-level values.
+
+    For each query ``q`` and head ``m``, the output is ``sum over l, p of attention_weights[b, q, m, l, p] *
+    bilinear(value of level l, head m; sampling_locations[b, q, m, l, p])``, with
+    ``grid_sample(align_corners=False, padding_mode="zeros")`` semantics: location ``(x, y)`` in ``[0, 1]`` maps to
+    pixel coordinate ``(x * W - 0.5, y * H - 0.5)``; samples outside the map, and NaN or infinite locations, contribute
+    zero (and get zero gradient). Differentiable in ``value``, ``sampling_locations`` and ``attention_weights`` (once:
+    double backward raises). float32/float64, and bfloat16/float16 with float32 accumulation. Under autocast the
+    compiled op runs in float32 (as Deformable DETR's module does), returning float32.
+
+    Args:
+        value (Tensor[B, S, M, D]): per-head values of all levels, flattened level after level (``S = sum H_l*W_l``).
+        spatial_shapes (Tensor[L, 2], int64): ``(H_l, W_l)`` of each level.
+        level_start_index (Tensor[L], int64): first row of each level in ``S`` (``0, H_0*W_0, ...``).
+        sampling_locations (Tensor[B, Q, M, L, P, 2]): normalised ``(x, y)`` sampling locations.
+        attention_weights (Tensor[B, Q, M, L, P]): weight of each sample (usually softmax over ``L*P``).
+        backend: ``"cpu"``, ``"cuda"``, ``"reference"``, or ``None`` for the configured default
+            (``MPSEG_MSDA_BACKEND`` / :func:`use_backend`, automatic unless set).
+
+    Returns:
+        Tensor[B, Q, M * D]: heads concatenated, in value's dtype.
+
+    Raises:
+        TypeError: an argument is not a tensor or has the wrong dtype.
+        ValueError: inconsistent shapes, devices, or level metadata (``spatial_shapes``, ``level_start_index``).
+        RuntimeError: the requested backend cannot run here (the message says why for each backend).
+
+    Example:
+        >>> import torch, mpseg
+        >>> shapes = torch.tensor([[8, 8], [4, 4]])
+        >>> starts = torch.tensor([0, 64])
+        >>> value = torch.randn(2, 80, 8, 32)
+        >>> locations = torch.rand(2, 10, 8, 2, 4, 2)
+        >>> weights = torch.rand(2, 10, 8, 2, 4).softmax(-1)
+        >>> mpseg.ms_deform_attn(value, shapes, starts, locations, weights).shape
+        torch.Size([2, 10, 256])
+    """
+    spatial_shapes, level_start_index = _check_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    if not torch.compiler.is_compiling():
+        # Data-dependent checks cannot be traced (and would cost a sync per call in a compiled graph).
+        _check_levels(spatial_shapes, level_start_index, value.shape[1])
+    if backend is None:
+        requested = _config.msda_backend()
+    else:
+        requested = _config._parse_backend(backend, "backend")
+    choice = _resolve_backend(requested, value.device.type)
+    if choice == "reference":
+        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return torch.ops.mpseg.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                                          attention_weights)
+
+
+# Registrations of the compiled op (run by mpseg._extension.load() right after the library is loaded).
+
+
+def _fake_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    batch, _, heads, channels = value.shape
+    return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
+
+
+def _fake_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return (
+        torch.empty_like(value, memory_format=torch.contiguous_format),
+        torch.empty_like(sampling_locations, memory_format=torch.contiguous_format),
+        torch.empty_like(attention_weights, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = torch.ops.mpseg._ms_deform_attn_backward(
+        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_value if needs[0] else None,
+        None,
+        None,
+        grad_locations if needs[3] else None,
+        grad_weights if needs[4] else None,
+    )
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "mpseg.ms_deform_attn supports one backward pass only (double backward, e.g. gradient penalties through "
+        "this op, is not implemented); use backend='reference' for higher-order gradients"
+    )
+
+
+def _register_kernels() -> None:
+    """Registers fake-tensor, autograd and autocast rules of ``torch.ops.mpseg.*`` (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    torch.library.register_fake("mpseg::ms_deform_attn")(_fake_forward)
+    torch.library.register_fake("mpseg::_ms_deform_attn_backward")(_fake_backward)
+    torch.library.register_autograd("mpseg::ms_deform_attn", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("mpseg::_ms_deform_attn_backward", _no_double_backward)
+    # Deformable DETR's module casts to float32 around the kernel: bilinear weights and sums over L*P samples lose
+    # too much in half precision. Autocast does the same here, so mixed-precision models get float32 attention.
+    for device_type in ("cpu", "cuda"):
+        torch.library.register_autocast("mpseg::ms_deform_attn", device_type, torch.float32)

@@ -1,0 +1,109 @@
+// Copyright 2026 mpseg developers. Licensed under the Apache License, Version 2.0.
+//
+// Bilinear sampling and its per-sample gradient for multi-scale deformable attention: the one definition of the
+// arithmetic, compiled into both the CPU kernel and the CUDA kernel, so CPU tests exercise the same formulas the GPU
+// runs. Only the loops over channels differ between backends (vectorised on CPU, one thread per channel on CUDA).
+//
+// Semantics are torch.nn.functional.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False): a
+// normalised location x in [0, 1] maps to the pixel coordinate x * W - 0.5 (pixel centres at integer coordinates),
+// corners outside the map contribute zero, and the gradient uses floor() corners exactly as grid_sample does.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MPSEG_HOST_DEVICE __host__ __device__
+#else
+#define MPSEG_HOST_DEVICE
+#endif
+
+namespace mpseg {
+namespace msda {
+
+// floor() of a coordinate already known to lie in [-1, size): truncation toward zero, corrected for negative
+// non-integers. Exact, and a single conversion instruction instead of a libm call on CPUs without SSE4.1 rounding.
+template <typename T>
+MPSEG_HOST_DEVICE inline int64_t floor_in_range(T x) {
+  const int64_t truncated = static_cast<int64_t>(x);
+  return static_cast<T>(truncated) > x ? truncated - 1 : truncated;
+}
+
+// A level [start, start + height * width) of the flattened value tensor with S rows. The CPU op validates the level
+// metadata up front; the CUDA op reads it on the device (no host sync), so every kernel re-checks it here and treats an
+// inconsistent level as empty: a wrong spatial_shapes can then never make a kernel read out of bounds.
+MPSEG_HOST_DEVICE inline bool level_in_bounds(int64_t height, int64_t width, int64_t start, int64_t rows) {
+  return height > 0 && width > 0 && start >= 0 && start <= rows && height <= (rows - start) / width;
+}
+
+// The four corners of one bilinear sample, in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1). `index` is the row
+// y * W + x inside the level and is only meaningful where `valid` is true; `weight` is 0 where it is not.
+template <typename T>
+struct Bilinear {
+  int64_t index[4];
+  bool valid[4];
+  T weight[4];
+  T lx, ly;  // fractional parts: x - x0, y - y0
+};
+
+// Sets up the sample at normalised location (loc_x, loc_y) on a height x width map. Returns false when no corner lies
+// inside the map, which includes NaN and +-inf locations: the comparisons run on the floating-point value BEFORE any
+// conversion to an integer (converting a NaN or a huge float to int64 is undefined behaviour).
+template <typename T>
+MPSEG_HOST_DEVICE inline bool bilinear_setup(T loc_x, T loc_y, int64_t height, int64_t width, Bilinear<T>& s) {
+  const T x = loc_x * static_cast<T>(width) - static_cast<T>(0.5);
+  const T y = loc_y * static_cast<T>(height) - static_cast<T>(0.5);
+  // Some corner is inside iff floor(x) in [-1, W-1] and floor(y) in [-1, H-1]. Written so that NaN fails.
+  if (!(x >= static_cast<T>(-1) && x < static_cast<T>(width) && y >= static_cast<T>(-1) &&
+        y < static_cast<T>(height))) {
+    return false;
+  }
+  const int64_t x0 = floor_in_range(x);
+  const int64_t y0 = floor_in_range(y);
+  const T fx = static_cast<T>(x0);
+  const T fy = static_cast<T>(y0);
+  const int64_t x1 = x0 + 1;
+  const int64_t y1 = y0 + 1;
+  s.lx = x - fx;
+  s.ly = y - fy;
+  const T hx = static_cast<T>(1) - s.lx;
+  const T hy = static_cast<T>(1) - s.ly;
+  const bool x0_in = x0 >= 0;         // x0 <= W - 1 holds by the range check
+  const bool x1_in = x1 <= width;  // DELIBERATELY BROKEN
+  const bool y0_in = y0 >= 0;
+  const bool y1_in = y1 <= height - 1;
+  s.valid[0] = y0_in && x0_in;
+  s.valid[1] = y0_in && x1_in;
+  s.valid[2] = y1_in && x0_in;
+  s.valid[3] = y1_in && x1_in;
+  s.index[0] = y0 * width + x0;
+  s.index[1] = y0 * width + x1;
+  s.index[2] = y1 * width + x0;
+  s.index[3] = y1 * width + x1;
+  s.weight[0] = s.valid[0] ? hy * hx : static_cast<T>(0);
+  s.weight[1] = s.valid[1] ? hy * s.lx : static_cast<T>(0);
+  s.weight[2] = s.valid[2] ? s.ly * hx : static_cast<T>(0);
+  s.weight[3] = s.valid[3] ? s.ly * s.lx : static_cast<T>(0);
+  return true;
+}
+
+// Gradients of one sample's contribution `attention * sum_c weight_c * value_c` to the output, given
+// dot[c] = <grad_output, value_c> over the channels (0 for invalid corners):
+//   grad_attention = sum_c weight_c * dot[c]
+//   grad_loc_x     = attention * W * sum_c (d weight_c / d x) * dot[c]   (d x / d loc_x = W), same for y with H.
+// The value gradient, attention * weight_c * grad_output, is applied by the caller channel by channel.
+template <typename T>
+MPSEG_HOST_DEVICE inline void sample_gradients(const Bilinear<T>& s, const T dot[4], T attention, int64_t height,
+                                               int64_t width, T* grad_attention, T* grad_loc_x, T* grad_loc_y) {
+  const T hx = static_cast<T>(1) - s.lx;
+  const T hy = static_cast<T>(1) - s.ly;
+  *grad_attention = s.weight[0] * dot[0] + s.weight[1] * dot[1] + s.weight[2] * dot[2] + s.weight[3] * dot[3];
+  // d weight / d x: (-hy, hy, -ly, ly); d weight / d y: (-hx, -lx, hx, lx).
+  const T dx = hy * (dot[1] - dot[0]) + s.ly * (dot[3] - dot[2]);
+  const T dy = hx * (dot[2] - dot[0]) + s.lx * (dot[3] - dot[1]);
+  *grad_loc_x = attention * static_cast<T>(width) * dx;
+  *grad_loc_y = attention * static_cast<T>(height) * dy;
+}
+
+}  // namespace msda
+}  // namespace mpseg
