@@ -69,7 +69,7 @@ MPSEG_HOST_DEVICE inline bool bilinear_setup(T loc_x, T loc_y, int64_t height, i
   const T hx = static_cast<T>(1) - s.lx;
   const T hy = static_cast<T>(1) - s.ly;
   const bool x0_in = x0 >= 0;         // x0 <= W - 1 holds by the range check
-  const bool x1_in = x1 <= width;  // DELIBERATELY BROKEN
+  const bool x1_in = x1 <= width - 1;  // x1 >= 0 holds by the range check
   const bool y0_in = y0 >= 0;
   const bool y1_in = y1 <= height - 1;
   s.valid[0] = y0_in && x0_in;
