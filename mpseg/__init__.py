@@ -22,7 +22,7 @@ from .layers import (
     PositionEmbeddingSine,
 )
 from .training import DEFAULT_WEIGHT_DICT, HungarianMatcher, SetCriterion, dice_loss, sigmoid_ce_loss
-from .inference import instance_inference, panoptic_inference, semantic_inference
+from .inference import instance_inference, panoptic_inference, resize_mask_logits, semantic_inference
 from .diagnostics import layer_consistency
 from . import convert
 
@@ -54,6 +54,7 @@ __all__ = [
     "semantic_inference",
     "panoptic_inference",
     "instance_inference",
+    "resize_mask_logits",
     "layer_consistency",
     "convert",
 ]

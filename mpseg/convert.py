@@ -158,7 +158,12 @@ def split_official(
         elif key.startswith(NOISER_PREFIX):
             parts["noiser"]["label_enc." + key[len(NOISER_PREFIX) :]] = tensor
         elif key.startswith(DECODER_PREFIX):
-            parts["decoder"][key[len(DECODER_PREFIX) :]] = tensor
+            name = key[len(DECODER_PREFIX) :]
+            # Early official checkpoints call the query features "static_query"; the official module renames them
+            # on load (its _load_from_state_dict), so do the same.
+            if name.startswith("static_query."):
+                name = "query_feat." + name[len("static_query.") :]
+            parts["decoder"][name] = tensor
         elif key.startswith(BACKBONE_PREFIX):
             parts["backbone"][key[len(BACKBONE_PREFIX) :]] = tensor
         else:
@@ -191,7 +196,8 @@ def to_official(
     out = {PIXEL_DECODER_PREFIX + k: v for k, v in sd(pixel_decoder).items()}
     out.update({DECODER_PREFIX + k: v for k, v in sd(decoder).items()})
     if noiser is not None:
-        out.update({NOISER_PREFIX + k[len("label_enc.") :]: v for k, v in sd(noiser).items() if k.startswith("label_enc.")})
+        label_enc = {k[len("label_enc.") :]: v for k, v in sd(noiser).items() if k.startswith("label_enc.")}
+        out.update({NOISER_PREFIX + k: v for k, v in label_enc.items()})
     if backbone is not None:
         out.update({BACKBONE_PREFIX + k: v for k, v in sd(backbone).items()})
     return out
@@ -221,7 +227,8 @@ _HF_DECODER_RULES = [
     (r"^decoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)$", r"transformer_self_attention_layers.\1.norm.\2"),
     (r"^decoder\.layers\.(\d+)\.cross_attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)$",
      r"transformer_cross_attention_layers.\1.multihead_attn.\2"),
-    (r"^decoder\.layers\.(\d+)\.cross_attn_layer_norm\.(weight|bias)$", r"transformer_cross_attention_layers.\1.norm.\2"),
+    (r"^decoder\.layers\.(\d+)\.cross_attn_layer_norm\.(weight|bias)$",
+     r"transformer_cross_attention_layers.\1.norm.\2"),
     (r"^decoder\.layers\.(\d+)\.fc1\.(weight|bias)$", r"transformer_ffn_layers.\1.linear1.\2"),
     (r"^decoder\.layers\.(\d+)\.fc2\.(weight|bias)$", r"transformer_ffn_layers.\1.linear2.\2"),
     (r"^decoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)$", r"transformer_ffn_layers.\1.norm.\2"),

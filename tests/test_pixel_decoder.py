@@ -8,6 +8,15 @@ CHANNELS = [32, 64, 128, 256]
 STRIDES = [4, 8, 16, 32]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are small: extra intra-op threads only add synchronisation, which is slow on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _small(**kwargs):
     torch.manual_seed(0)
     args = dict(conv_dim=32, mask_dim=16, transformer_nheads=4, transformer_dim_feedforward=48,
@@ -130,3 +139,12 @@ def test_bad_arguments_name_the_problem():
     feats[2] = feats[2][:, :7]
     with pytest.raises(ValueError, match=r"features\[2\] must have shape \[B, 128, H, W\]"):
         pd(feats)
+
+
+def test_float64_module_computes_in_float64():
+    pd = _randomize(_small()).double().eval()
+    feats = _features(batch=1)
+    mask64, _ = pd([f.double() for f in feats])
+    assert mask64.dtype == torch.float64
+    mask32, _ = _randomize(_small()).eval()(feats)
+    torch.testing.assert_close(mask64.float(), mask32, rtol=1e-4, atol=1e-4)

@@ -11,15 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ms_deform_attn import MSDeformAttn as _MSDeformAttn
+from .ms_deform_attn import MSDeformAttn
 from .position_encoding import PositionEmbeddingSine
-
-# The deformable attention module is written separately; until it lands the module name is a placeholder class, and a
-# private stand-in with the same parameters and signature is used (same state-dict keys either way).
-if isinstance(_MSDeformAttn, type) and issubclass(_MSDeformAttn, nn.Module):
-    MSDeformAttn = _MSDeformAttn
-else:  # pragma: no cover - removed when mpseg.layers.ms_deform_attn is complete
-    from ._msda_module_tmp import MSDeformAttn
 
 __all__ = ["MSDeformAttnPixelDecoder"]
 
@@ -46,7 +39,7 @@ class _ConvNorm(nn.Conv2d):
         x = super().forward(x)
         if self.norm is not None:
             x = self.norm(x)
-        return F.relu(x) if self.relu else x
+        return F.relu(x, inplace=True) if self.relu else x
 
 
 class _EncoderLayer(nn.Module):
@@ -70,7 +63,8 @@ class _EncoderLayer(nn.Module):
     ) -> Tensor:
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
         src = self.norm1(src + self.dropout1(attended))
-        hidden = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        # In-place ReLU: neither the linear layer nor the ReLU needs the pre-activation for backward.
+        hidden = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(hidden))
 
 
@@ -122,8 +116,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
     """Multi-scale deformable-attention pixel decoder of Mask2Former.
 
     The ``transformer_in_features`` coarsest backbone maps are projected to ``conv_dim`` channels (1x1 conv +
-    GroupNorm), refined jointly by ``transformer_enc_layers`` deformable encoder layers, and the finest encoder output is
-    merged top-down with the finer backbone maps (lateral 1x1 conv + bilinear upsampling + 3x3 conv) until stride
+    GroupNorm), refined jointly by ``transformer_enc_layers`` deformable encoder layers, and the finest encoder output
+    is merged top-down with the finer backbone maps (lateral 1x1 conv + bilinear upsampling + 3x3 conv) until stride
     ``common_stride``, where a 1x1 conv gives the per-pixel mask features.
 
     State-dict keys and shapes equal the official module's (``sem_seg_head.pixel_decoder.*`` without the prefix).
@@ -196,7 +190,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             )
         num_levels = transformer_in_features
         encoder_stride = strides[-num_levels]
-        if common_stride <= 0 or encoder_stride % common_stride or not math.log2(encoder_stride // common_stride) % 1 == 0:
+        ratio = encoder_stride // common_stride if common_stride > 0 else 0
+        if common_stride <= 0 or encoder_stride % common_stride or ratio & (ratio - 1):
             raise ValueError(
                 f"common_stride must divide the finest encoder stride ({encoder_stride}) by a power of two, "
                 f"got {common_stride}"
@@ -264,8 +259,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         """
         self._check_features(features)
         # Mask2Former runs this module in float32 even under mixed precision; see the class docstring.
+        # float64 modules (e.g. for gradcheck) keep float64; everything else computes in float32.
+        dtype = torch.float64 if self.mask_features.weight.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=features[0].device.type, enabled=False):
-            features = [f.float() for f in features]
+            features = [f.to(dtype) for f in features]
             num_levels = self.transformer_num_feature_levels
             srcs, pos = [], []
             for idx, x in enumerate(features[-num_levels:][::-1]):

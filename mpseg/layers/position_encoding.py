@@ -63,7 +63,7 @@ class PositionEmbeddingSine(nn.Module):
         """Encode the positions of ``x``'s pixels.
 
         Args:
-            x (Tensor[B, *, H, W]): a feature map; only its batch size, spatial size, device and dtype are used.
+            x (Tensor[B, ..., H, W]): a feature map; only its batch size, spatial size, device and dtype are used.
             mask (Tensor[B, H, W], bool, optional): True at padding pixels, which are not counted (DETR's convention);
                 None means no padding.
 
