@@ -12,6 +12,7 @@ from .ops import (
     point_sample,
     sample_masks_at_points,
     sample_uncertain_points,
+    use_backend,
 )
 from .layers import (
     MaskedAttentionDecoder,
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     # ops
     "available_backends",
+    "use_backend",
     "ms_deform_attn",
     "ms_deform_attn_reference",
     "point_sample",

@@ -24,7 +24,8 @@ __all__ = [
     "want_cuda",
 ]
 
-# Volta to Hopper plus PTX for newer GPUs; CUDA 13 dropped everything before Turing, so we start at 7.5.
+# Turing to Hopper plus PTX for newer GPUs (CUDA 13 dropped everything before Turing). Every architecture adds nvcc
+# time; set TORCH_CUDA_ARCH_LIST to just your GPU for a faster build.
 DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0+PTX"
 
 

@@ -10,9 +10,10 @@
 =======================  ==========================================================================================
 
 Example:
-    >>> import mpseg
-    >>> with mpseg.ops.use_backend("reference"):
-    ...     pass  # every ms_deform_attn call in here runs the pure-PyTorch reference
+    >>> from mpseg._config import msda_backend, use_backend
+    >>> with use_backend("reference"):
+    ...     msda_backend()  # every ms_deform_attn call in here runs the pure-PyTorch reference
+    'reference'
 """
 
 from __future__ import annotations

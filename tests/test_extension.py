@@ -112,3 +112,16 @@ def test_environment_backend_is_read_and_validated():
         MPSEG_MSDA_BACKEND="fastest",
     )
     assert "MPSEG_MSDA_BACKEND must be one of auto, cpu, cuda, reference; got 'fastest'" in result.stdout
+
+
+def test_kernels_are_registered_for_every_dispatch_key():
+    # The CUDA kernels are compiled and linked in CI without a GPU; this at least proves they registered (a CUDA build
+    # whose .cu registration went missing would otherwise only be noticed on a GPU machine).
+    assert _extension.load().loaded
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    expected = ["CPU", "Meta", "Autograd"] + (["CUDA"] if _extension.build_info()["with_cuda"] else [])
+    for key in expected:
+        assert has_kernel("mpseg::ms_deform_attn", key), key
+        assert has_kernel("mpseg::_ms_deform_attn_backward", key), key
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        assert has_kernel("mpseg::ms_deform_attn", key), key

@@ -68,10 +68,12 @@ MPSEG_HOST_DEVICE inline bool bilinear_setup(T loc_x, T loc_y, int64_t height, i
   s.ly = y - fy;
   const T hx = static_cast<T>(1) - s.lx;
   const T hy = static_cast<T>(1) - s.ly;
-  const bool x0_in = x0 >= 0;         // x0 <= W - 1 holds by the range check
-  const bool x1_in = x1 <= width - 1;  // x1 >= 0 holds by the range check
-  const bool y0_in = y0 >= 0;
-  const bool y1_in = y1 <= height - 1;
+  // Both bounds of every corner are checked on the integers: the range check above runs in floating point, where a
+  // width beyond 2^24 (float) is rounded and could let x0 reach W.
+  const bool x0_in = x0 >= 0 && x0 < width;
+  const bool x1_in = x1 >= 0 && x1 < width;
+  const bool y0_in = y0 >= 0 && y0 < height;
+  const bool y1_in = y1 >= 0 && y1 < height;
   s.valid[0] = y0_in && x0_in;
   s.valid[1] = y0_in && x1_in;
   s.valid[2] = y1_in && x0_in;

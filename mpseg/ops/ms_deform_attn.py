@@ -136,11 +136,10 @@ def _why_not(device_type: str) -> dict[str, str | None]:
     return reasons
 
 
-@torch.compiler.assume_constant_result
 def _resolve_backend(requested: str | None, device_type: str) -> str:
-    # Under torch.compile this runs once at trace time and its result is a constant of the graph, so the extension
-    # loading and bookkeeping below never need to be traced. `requested` is read by the traced caller (from the
-    # argument or mpseg._config), so dynamo guards on it and a new choice recompiles.
+    # Under torch.compile this runs once at trace time and its result is a constant of the graph (see the marking
+    # below), so the extension loading and bookkeeping here never need to be traced. `requested` is read by the traced
+    # caller (from the argument or mpseg._config), so dynamo guards on it and a new choice recompiles.
     reasons = _why_not(device_type)
     if requested is None:
         if device_type in ("cpu", "cuda"):
@@ -152,6 +151,12 @@ def _resolve_backend(requested: str | None, device_type: str) -> str:
         listed = "; ".join(f"{name}: {why or 'can run'}" for name, why in reasons.items())
         raise RuntimeError(f"ms_deform_attn: backend {requested!r} cannot run on {device_type} tensors. {listed}")
     return requested
+
+
+# What torch.compiler.assume_constant_result(_resolve_backend) does, set by hand: the public decorator imports
+# torch._dynamo, which would add ~2 s to `import mpseg`. tests/test_ms_deform_attn.py checks that the decorator still
+# works this way.
+_resolve_backend._dynamo_marked_constant = True
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

@@ -166,7 +166,7 @@ inline opmath_t dot_and_scatter(const opmath_t* __restrict__ grad, const scalar_
 
 // grad_value is written through `grad_value_acc` (opmath_t: float for bf16/fp16, so sums of many small updates keep
 // their precision). It must be zero on entry.
-constexpr int64_t kPrefetchQueries = 4;
+constexpr int64_t kPrefetchQueries = 16;
 
 template <typename scalar_t>
 void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
