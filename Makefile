@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml mpseg/_build_config.py
 
-.PHONY: setup demo test test-sanitize bench docs clean
+.PHONY: setup demo test test-sanitize bench docs doctest dist smoke-wheel clean
 
 setup: $(VENV)/.installed
 
@@ -41,9 +41,34 @@ test-sanitize: setup
 bench: setup
 	$(PY) benchmarks/bench_ms_deform_attn.py
 
-docs: setup
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[docs]" --no-build-isolation
-	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+# Docs tools: the `docs` extra of pyproject.toml, installed on its own (reinstalling mpseg would recompile the kernels).
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q --disable-pip-version-check $$($(PY) -c 'import tomllib; \
+	print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["docs"]))')
+	touch $@
+
+# HTML docs; warnings are errors. docs/_static/attention_masks.png is committed: redraw it with
+# `$(PY) docs/scripts/draw_attention_masks.py` when the decoder or the noiser changes.
+docs: $(VENV)/.docs-installed
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+# The examples: docstrings run by pytest in their own module's namespace (as they are written), the guides'
+# testcode/doctest blocks by Sphinx.
+doctest: $(VENV)/.docs-installed
+	$(PY) -m pytest --doctest-modules mpseg -q -p no:cacheprovider
+	$(PY) -m sphinx -W --keep-going -q -b doctest docs docs/_build/doctest
+
+# Release archives in dist/: sdist, and a wheel built from it (CUDA kernels included when nvcc is found).
+$(VENV)/.build-installed: $(VENV)/.installed
+	$(PY) -m pip install -q --disable-pip-version-check build
+	touch $@
+dist: $(VENV)/.build-installed
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+
+# Builds sdist + a C++-only wheel, checks their contents, installs the wheel into a fresh venv, smoke-tests it.
+smoke-wheel: $(VENV)/.build-installed
+	.ci/smoke_wheel.sh $(PY)
 
 clean:
 	rm -rf build dist *.egg-info docs/_build mpseg/*.so

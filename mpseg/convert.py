@@ -188,6 +188,16 @@ def to_official(
     """The inverse of :func:`split_official`: mpseg modules (or their state dicts) -> official keys.
 
     Only the noiser's ``label_enc.*`` entries are exported (MP-Former has nothing else).
+
+    Args:
+        pixel_decoder (nn.Module | Mapping[str, Tensor]): a :class:`~mpseg.MSDeformAttnPixelDecoder` or its state dict.
+        decoder (nn.Module | Mapping[str, Tensor]): a :class:`~mpseg.MaskedAttentionDecoder` or its state dict.
+        noiser (nn.Module | Mapping[str, Tensor], optional): a :class:`~mpseg.MaskPilotNoiser` or its state dict.
+        backbone (nn.Module | Mapping[str, Tensor], optional): backbone weights, stored under ``backbone.`` unchanged.
+
+    Returns:
+        dict[str, Tensor]: official keys (``sem_seg_head.pixel_decoder.*``, ``sem_seg_head.predictor.*``, and
+        ``backbone.*`` if given).
     """
 
     def sd(obj: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
@@ -253,6 +263,12 @@ def hf_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     The HF backbone (``pixel_level_module.encoder.*``) is kept under ``backbone.`` with its HF names; the criterion's
     ``empty_weight`` buffer becomes ``criterion.empty_weight`` as in official checkpoints. ``class_predictor`` (only in
     ``Mask2FormerForUniversalSegmentation``) becomes the decoder's ``class_embed``.
+
+    Args:
+        state_dict (Mapping[str, Tensor]): HF state dict (keys with or without the ``model.`` prefix).
+
+    Returns:
+        dict[str, Tensor]: the same tensors under official Mask2Former keys (q, k, v packed into ``in_proj_*``).
 
     Raises:
         KeyError: naming every key that is not part of HF's Mask2Former, and every self-attention whose q, k, v

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import _config, _extension
 from .._config import use_backend
+from ._export import ms_deform_attn_decomposed
 from ._reference import ms_deform_attn_reference
 
 __all__ = ["ms_deform_attn", "available_backends", "use_backend"]
@@ -236,6 +237,11 @@ def ms_deform_attn(
         requested = _config._parse_backend(backend, "backend")
     choice = _resolve_backend(requested, value.device.type)
     if choice == "reference":
+        if torch.compiler.is_exporting():
+            # The reference needs the level sizes as Python ints, which torch.export cannot give (spatial_shapes is
+            # traced there); the gather-based decomposition reads them as data, so it exports (ONNX included).
+            return ms_deform_attn_decomposed(value, spatial_shapes, level_start_index, sampling_locations,
+                                             attention_weights)
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return torch.ops.mpseg.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                           attention_weights)
