@@ -140,6 +140,8 @@ def load() -> ExtensionStatus:
             from .ops.ms_deform_attn import _register_kernels
 
             _register_kernels()
+            # Cache now: a first call of this op while torch.export traces would be recorded in the graph.
+            build_info()
     return _STATUS
 
 
