@@ -356,3 +356,13 @@ def test_ddp_zero_object_rank_needs_dummy_loss():
     grads = [eval(out.split("GRAD", 1)[1].strip()) for out in outs]
     assert grads[0] == grads[1]
     assert grads[0][0] == 0.0 and grads[0][2] == 0.0 and grads[0][1] != 0.0
+
+
+def test_follows_the_noisers_device_and_dtype():
+    # No hard-coded device: on the meta device every output lands on meta (stands in for CUDA on this CPU machine).
+    targets = [_target([0, 2], torch.rand(2, 16, 16) > 0.5)]
+    pilot = MaskPilotNoiser(3, 8).to("meta")(targets)
+    for t in (pilot.pilot_queries, pilot.target_index, pilot.cross_attn_mask(0, (4, 4), 8), pilot.self_attn_mask(3)):
+        assert t.device.type == "meta"
+    bf16 = MaskPilotNoiser(3, 8).to(torch.bfloat16)(targets)
+    assert bf16.pilot_queries.dtype == torch.bfloat16

@@ -108,3 +108,19 @@ def test_mask_ap_hand_computed():
     assert mask_ap(one, one_gt, 1)["ap"] == pytest.approx(80.0)
     none = [{"masks": torch.zeros(0, 4, 4, dtype=torch.bool), "scores": torch.zeros(0), "labels": torch.zeros(0)}]
     assert mask_ap(none, gts, 1)["ap"] == 0.0
+
+
+@pytest.mark.slow
+def test_demo_script_runs_end_to_end(tmp_path):
+    import shapes_demo
+
+    results = shapes_demo.main(["--steps", "2", "--batch-size", "2", "--train-images", "8", "--val-images", "4",
+                                "--evals", "1", "--grid", "2", "--dec-layers", "2", "--no-progress", "--out",
+                                str(tmp_path)])
+    assert set(results) == {"mask2former", "mp-former"}
+    for r in results.values():
+        assert 0.0 <= r["miou"] <= 100.0 and len(r["layer_iou"]) == 2
+        assert all(0.0 <= v <= 1.0 for v in r["layer_iou"] + r["layer_same_query"])
+        assert len(r["history"]["loss"]) == 2 and r["history"]["eval_step"] == [2]
+    for name in ("predictions.png", "curves.png", "results.json"):
+        assert (tmp_path / name).stat().st_size > 0
