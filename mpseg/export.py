@@ -143,7 +143,7 @@ def export_inference(
             use B >= 2: torch.export specialises a dimension of size 1.
         dynamic_batch (bool): export the batch dimension as dynamic (``torch.export.Dim("batch")``).
         decompose (bool): run :meth:`~torch.export.ExportedProgram.run_decompositions` with
-            :func:`decomposition_table`: the program then holds only core ATen ops, no ``mpseg.ms_deform_attn``,
+            :func:`decomposition_table`: the program then holds only ATen ops, no ``mpseg.ms_deform_attn``,
             and needs no mpseg to run or load. Otherwise the custom op stays (fast compiled kernel; loading the
             program needs ``import mpseg``).
         strict (bool): ``torch.export``'s strict mode (TorchDynamo tracing); non-strict (the default) traces
