@@ -322,7 +322,9 @@ class MaskedAttentionDecoder(nn.Module):
             ``aux_outputs``, a list of ``dec_layers`` dicts with the same keys for the earlier predictions (initial
             prediction first). With a pilot also ``pilot_outputs``: ``pred_logits`` (Tensor[B, Np, K+1]),
             ``pred_masks`` (Tensor[B, Np, H, W]), ``aux_outputs`` (earlier pilot predictions, initial first),
-            ``target_index`` (Tensor[B, Np] int64) and ``num_groups`` (int), copied from the pilot.
+            ``target_index`` (Tensor[B, Np] int64), ``num_groups`` (int) and, if the pilot has it, ``max_objects``
+            (int: its slots are group-major, slot ``g * max_objects + j`` reconstructs target ``j``), copied from the
+            pilot.
         """
         self._check_inputs(features, mask_features)
         batch = mask_features.shape[0]
@@ -419,4 +421,9 @@ class MaskedAttentionDecoder(nn.Module):
                 "target_index": pilot.target_index,
                 "num_groups": pilot.num_groups,
             }
+            max_objects = getattr(pilot, "max_objects", None)
+            if max_objects is not None:
+                # Tells the criterion the slots follow MaskPilot's group-major layout, so it can build the fixed
+                # assignment from this int instead of reading target_index back (no graph break under torch.compile).
+                out["pilot_outputs"]["max_objects"] = int(max_objects)
         return out

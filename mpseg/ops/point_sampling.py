@@ -70,6 +70,10 @@ def uniform_points(
                 f"generator is on {generator.device} but the points are drawn on {torch.device(device)}: pass "
                 f"torch.Generator(device={torch.device(device).type!r}) (the generator follows the predictions' device)"
             )
+    if generator is None:
+        # Not `generator=None`: that call cannot take symbolic sizes, which breaks torch.compile with dynamic shapes
+        # (the number of matched masks changes from batch to batch).
+        return torch.rand(num_sets, num_points, 2, device=device)
     return torch.rand(num_sets, num_points, 2, device=device, generator=generator)
 
 

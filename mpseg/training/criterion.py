@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.point_sampling import point_sample, sample_masks_at_points, sample_uncertain_points
+from ._eager import run_eagerly
 from .losses import dice_loss, sigmoid_ce_loss
 from .matcher import _canvas_size, _describe, _validate_prediction, _validate_targets
 
@@ -160,7 +161,12 @@ class SetCriterion(nn.Module):
         pilot = outputs.get("pilot_outputs")
         pilot_aux = []
         if pilot is not None:
-            pilot_indices, num_groups = self.pilot_assignment(pilot, targets)
+            if isinstance(pilot, dict) and pilot.get("max_objects") is not None and pilot.get("num_groups") is not None:
+                # MaskPilot's layout: the assignment follows from Python ints, so torch.compile traces it.
+                pilot_indices, num_groups = self.pilot_assignment(pilot, targets)
+            else:
+                # Reads target_index on the host: under torch.compile one graph break, the method run uncompiled.
+                pilot_indices, num_groups = run_eagerly(type(self).pilot_assignment, self, pilot, targets)
             pilot_num_masks = num_masks * num_groups
             pilot_aux = list(pilot.get("aux_outputs") or [])
         aux_outputs = list(outputs.get("aux_outputs") or [])
@@ -238,9 +244,15 @@ class SetCriterion(nn.Module):
     def pilot_assignment(self, pilot_outputs: dict, targets: Sequence[dict[str, Tensor]]) -> tuple[Assignment, float]:
         """The fixed assignment of pilot slots to ground truths, and the number of pilot groups.
 
+        With ``num_groups`` and ``max_objects`` in ``pilot_outputs`` (the decoder copies both from a
+        :class:`~mpseg.MaskPilot`), the slots follow MaskPilot's group-major layout: slot ``g * max_objects + j`` of
+        image b reconstructs target j for j < T_b, the other slots are padding. The assignment is then built from
+        Python ints, which ``torch.compile`` traces; in eager mode ``target_index`` is checked against that layout.
+        Otherwise it is read from ``target_index`` (one host sync).
+
         Args:
             pilot_outputs (dict): with ``target_index`` (int64 Tensor[B, Np], -1 = padding slot) and optionally
-                ``num_groups``.
+                ``num_groups`` (int) and ``max_objects`` (int).
             targets (list[dict]): the ground truth.
 
         Returns:
@@ -262,6 +274,9 @@ class SetCriterion(nn.Module):
                 f"outputs['pilot_outputs']['target_index'] must have shape [B, Np] = {tuple(logits.shape[:2])}, "
                 f"got {tuple(target_index.shape)}"
             )
+        num_groups, max_objects = pilot_outputs.get("num_groups"), pilot_outputs.get("max_objects")
+        if num_groups is not None and max_objects is not None:
+            return self._layout_assignment(target_index, targets, int(num_groups), int(max_objects)), float(num_groups)
         target_index = target_index.cpu()  # the assignment lives on the CPU, like the matcher's
         indices: Assignment = []
         num_valid = 0
@@ -284,6 +299,35 @@ class SetCriterion(nn.Module):
         elif not num_groups >= 1:
             raise ValueError(f"outputs['pilot_outputs']['num_groups'] must be >= 1, got {num_groups}")
         return indices, float(num_groups)
+
+    @staticmethod
+    def _layout_assignment(
+        target_index: Tensor, targets: Sequence[dict[str, Tensor]], num_groups: int, max_objects: int
+    ) -> Assignment:
+        """The assignment of MaskPilot's group-major layout (see :meth:`pilot_assignment`), from shapes only."""
+        counts = [int(t["labels"].shape[0]) for t in targets]
+        if num_groups < 1 or target_index.shape[1] != num_groups * max_objects or max(counts, default=0) > max_objects:
+            raise ValueError(
+                f"outputs['pilot_outputs'] claims num_groups={num_groups} groups of max_objects={max_objects} slots, "
+                f"but target_index has {target_index.shape[1]} slots per image and the targets count {counts} objects"
+            )
+        group_start = torch.arange(num_groups).unsqueeze(1) * max_objects  # [G, 1]
+        indices = []
+        for count in counts:
+            gt = torch.arange(count)
+            indices.append(((group_start + gt).flatten(), gt.repeat(num_groups)))
+        if not torch.compiler.is_compiling():
+            # One host sync in eager mode to catch a pilot whose target_index does not follow the layout it claims.
+            expected = torch.full(tuple(target_index.shape), -1, dtype=torch.int64)
+            for b, (slots, gt) in enumerate(indices):
+                expected[b, slots] = gt
+            if not torch.equal(target_index.cpu(), expected):
+                raise ValueError(
+                    "outputs['pilot_outputs']['target_index'] does not follow the group-major layout that its "
+                    f"num_groups={num_groups} and max_objects={max_objects} imply (slot g * max_objects + j -> "
+                    "target j, -1 beyond each image's count); leave 'max_objects' out for another layout"
+                )
+        return indices
 
     # ------------------------------------------------------------------------------------------------------------
     def prediction_losses(

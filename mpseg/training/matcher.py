@@ -7,7 +7,8 @@ The matching cost of prediction q and target t in one image is
 
 where ``p_q`` is the softmax over the K + 1 classes and the two mask terms are evaluated on ``num_points`` points drawn
 uniformly once per image and shared by all predictions and targets. The optimal one-to-one assignment comes from
-:func:`scipy.optimize.linear_sum_assignment`.
+:func:`scipy.optimize.linear_sum_assignment`, wrapped as the custom op ``torch.ops.mpseg.linear_sum_assignment`` so
+that ``torch.compile`` traces the matcher without a graph break.
 
 Compared with the official implementation, the costs of all images are computed in batched matrix products, the
 ground-truth masks are sampled by gathering four neighbours per point instead of being converted to float at full
@@ -51,12 +52,15 @@ def _validate_prediction(outputs: dict, name: str = "outputs") -> tuple[Tensor, 
 
 
 def _validate_targets(targets: Sequence[dict], batch_size: int, num_classes: int, device: torch.device) -> None:
-    """Checks the Mask2Former target format; one host sync for the label range of the whole batch."""
+    """Checks the Mask2Former target format; one host sync for the label range of the whole batch.
+
+    Under ``torch.compile`` only the structure is checked: reading the labels would break the graph, and an
+    out-of-range label still fails there, in the gather of the class cost and in the cross-entropy (index errors).
+    """
     if not isinstance(targets, (list, tuple)):
         raise TypeError(f"targets must be a list of dicts (one per image), got {type(targets).__name__}")
     if len(targets) != batch_size:
         raise ValueError(f"targets must hold one dict per image: expected {batch_size}, got {len(targets)}")
-    all_labels = []
     for b, target in enumerate(targets):
         if not isinstance(target, dict) or "labels" not in target or "masks" not in target:
             raise ValueError(f"targets[{b}] must be a dict with 'labels' and 'masks'")
@@ -70,7 +74,12 @@ def _validate_targets(targets: Sequence[dict], batch_size: int, num_classes: int
             )
         if masks.is_complex():
             raise TypeError(f"targets[{b}]['masks'] must be bool, integer or real, got {masks.dtype}")
-        all_labels.append(labels.to(device))
+    if not torch.compiler.is_compiling():
+        _check_label_range(targets, num_classes, device)
+
+
+def _check_label_range(targets: Sequence[dict], num_classes: int, device: torch.device) -> None:
+    all_labels = [t["labels"].to(device) for t in targets]
     labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.int64)
     if labels.numel() > 0:
         low, high = torch.aminmax(labels)  # one host sync for the whole batch
@@ -211,7 +220,6 @@ class HungarianMatcher(nn.Module):
         cost = cost.cpu()  # one transfer for the whole batch
         return [cost[b, :, : num_targets[b]] for b in range(batch_size)]
 
-    @torch.no_grad()
     def forward(
         self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Tensor]], generator: torch.Generator | None = None
     ) -> list[tuple[Tensor, Tensor]]:
@@ -227,35 +235,61 @@ class HungarianMatcher(nn.Module):
             ``min(Q, T_b)``, ``pred_index`` ascending. Empty for an image without targets.
         """
         costs = self.cost_matrices(outputs, targets, generator=generator)
-        return [self._assign(cost, image) for image, cost in enumerate(costs)]
+        return [
+            tuple(torch.ops.mpseg.linear_sum_assignment(cost, self.nonfinite, image))
+            for image, cost in enumerate(costs)
+        ]
 
-    def _assign(self, cost: Tensor, image: int) -> tuple[Tensor, Tensor]:
-        if cost.numel() == 0:
-            empty = torch.empty(0, dtype=torch.int64)
-            return empty, empty.clone()
-        finite = torch.isfinite(cost)
-        if not bool(finite.all()):
-            if self.nonfinite == "raise":
-                bad = ~finite
-                predictions = bad.any(1).nonzero().flatten().tolist()
-                target_ids = bad.any(0).nonzero().flatten().tolist()
-                raise ValueError(
-                    f"HungarianMatcher: the matching cost of image {image} is NaN or inf for prediction(s) "
-                    f"{predictions} (against target(s) {target_ids}); the model produced non-finite logits there "
-                    f"(diverged training or fp16 overflow?). Pass nonfinite='replace' to match around them instead."
-                )
-            cost = self._replace_nonfinite(cost, finite)
-        pred_index, target_index = linear_sum_assignment(cost.numpy())
-        return torch.as_tensor(pred_index, dtype=torch.int64), torch.as_tensor(target_index, dtype=torch.int64)
 
-    @staticmethod
-    def _replace_nonfinite(cost: Tensor, finite: Tensor) -> Tensor:
-        # With m = min(Q, T) pairs, a replacement R > f_max + m (f_max - f_min) makes every assignment with one more
-        # non-finite pair cost more than any with one fewer, so they are used only when unavoidable. A huge constant
-        # (e.g. the dtype's max) would instead swamp the finite costs in the solver's arithmetic.
-        values = cost[finite]
-        low = float(values.min()) if values.numel() else 0.0
-        high = float(values.max()) if values.numel() else 0.0
-        pairs = min(cost.shape)
-        replacement = high + pairs * (high - low) + 1.0
-        return torch.where(finite, cost, torch.full_like(cost, replacement))
+# The assignment as a custom op: SciPy cannot be traced, but the op's output shape is known without running it
+# (min(Q, T) pairs), so torch.compile keeps the whole matcher, and the criterion's loop over layers, in one graph
+# instead of breaking at every call (and Dynamo runs a loop with a graph break in it uncompiled).
+@torch.library.custom_op("mpseg::linear_sum_assignment", mutates_args=())
+def _linear_sum_assignment(cost: Tensor, nonfinite: str, image: int) -> tuple[Tensor, Tensor]:
+    """Optimal assignment of one image's cost matrix.
+
+    Args:
+        cost (Tensor[Q, T]): matching costs on the CPU (float32 or float64).
+        nonfinite (str): ``"replace"`` or ``"raise"``, see :class:`HungarianMatcher`.
+        image (int): the image's index in the batch, for the error message.
+
+    Returns:
+        tuple[Tensor[min(Q, T)], Tensor[min(Q, T)]]: int64 ``(pred_index, target_index)`` on the CPU, ``pred_index``
+        ascending.
+    """
+    if cost.numel() == 0:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty.clone()
+    cost = cost.detach()
+    finite = torch.isfinite(cost)
+    if not bool(finite.all()):
+        if nonfinite == "raise":
+            bad = ~finite
+            predictions = bad.any(1).nonzero().flatten().tolist()
+            target_ids = bad.any(0).nonzero().flatten().tolist()
+            raise ValueError(
+                f"HungarianMatcher: the matching cost of image {image} is NaN or inf for prediction(s) "
+                f"{predictions} (against target(s) {target_ids}); the model produced non-finite logits there "
+                f"(diverged training or fp16 overflow?). Pass nonfinite='replace' to match around them instead."
+            )
+        cost = _replace_nonfinite(cost, finite)
+    pred_index, target_index = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(pred_index, dtype=torch.int64), torch.as_tensor(target_index, dtype=torch.int64)
+
+
+@_linear_sum_assignment.register_fake
+def _(cost: Tensor, nonfinite: str, image: int) -> tuple[Tensor, Tensor]:
+    pairs = torch.sym_min(cost.shape[0], cost.shape[1])
+    return cost.new_empty(pairs, dtype=torch.int64), cost.new_empty(pairs, dtype=torch.int64)
+
+
+def _replace_nonfinite(cost: Tensor, finite: Tensor) -> Tensor:
+    # With m = min(Q, T) pairs, a replacement R > f_max + m (f_max - f_min) makes every assignment with one more
+    # non-finite pair cost more than any with one fewer, so they are used only when unavoidable. A huge constant
+    # (e.g. the dtype's max) would instead swamp the finite costs in the solver's arithmetic.
+    values = cost[finite]
+    low = float(values.min()) if values.numel() else 0.0
+    high = float(values.max()) if values.numel() else 0.0
+    pairs = min(cost.shape)
+    replacement = high + pairs * (high - low) + 1.0
+    return torch.where(finite, cost, torch.full_like(cost, replacement))
