@@ -4,20 +4,11 @@
 import importlib.util
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "compose_timm.py"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are small: extra intra-op threads only add synchronisation, which is slow on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _load():

@@ -10,14 +10,6 @@ from mpseg.layers.decoder import MaskedAttentionDecoder
 from mpseg.layers.pixel_decoder import MSDeformAttnPixelDecoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are small: extra intra-op threads only add synchronisation, which is slow on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _modules(seed=0, query_pos=True):
     torch.manual_seed(seed)

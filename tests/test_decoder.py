@@ -13,14 +13,6 @@ SIZES = [(3, 2), (6, 4), (12, 8)]
 MASK_SIZE = (24, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: extra intra-op threads only add synchronisation, which is slow on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _decoder(**kwargs):
     torch.manual_seed(0)

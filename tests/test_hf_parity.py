@@ -15,14 +15,6 @@ STRIDES = [4, 8, 16, 32]
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are small: extra intra-op threads only add synchronisation, which is slow on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _hf_config(*, hidden_dim=64, pre_norm=False, decoder_layers=6, num_queries=12):
     backbone = SwinConfig(

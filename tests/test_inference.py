@@ -10,14 +10,6 @@ from mpseg.inference import instance_inference, panoptic_inference, resize_mask_
 BIG = 8.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are small: extra intra-op threads only add synchronisation, which is slow on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _logits(*probs):
     return torch.tensor(probs, dtype=torch.float32).log()

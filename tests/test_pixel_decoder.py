@@ -8,14 +8,6 @@ CHANNELS = [32, 64, 128, 256]
 STRIDES = [4, 8, 16, 32]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are small: extra intra-op threads only add synchronisation, which is slow on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _small(**kwargs):
     torch.manual_seed(0)

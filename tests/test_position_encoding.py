@@ -7,14 +7,6 @@ import torch
 from mpseg.layers.position_encoding import PositionEmbeddingSine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are small: extra intra-op threads only add synchronisation, which is slow on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_hand_computed_values_without_normalisation():
     pe = PositionEmbeddingSine(num_pos_feats=4, temperature=10000, normalize=False)

@@ -18,13 +18,6 @@ K = 3  # classes
 C = 32  # channels everywhere (GroupNorm needs multiples of 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _blocks(dec_layers=2, seed=0):
     torch.manual_seed(seed)
