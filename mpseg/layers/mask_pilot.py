@@ -61,6 +61,12 @@ MaskNoise = Union[str, Callable[[Tensor, float, Optional[torch.Generator]], Tens
 _MASK_NOISE_KINDS = ("points", "none")
 
 
+def _rng(generator: Optional[torch.Generator]) -> dict:
+    # `generator=None` passed explicitly makes torch.rand reject symbolic sizes (torch.compile with dynamic shapes):
+    # pass the keyword only when there is a generator.
+    return {} if generator is None else {"generator": generator}
+
+
 def _point_noise(foreground: Tensor, point_noise: float, generator: Optional[torch.Generator]) -> Tensor:
     """Flip every pixel independently with probability ``point_noise * A / (h * w)`` (MP-Former's point noise).
 
@@ -78,7 +84,7 @@ def _point_noise(foreground: Tensor, point_noise: float, generator: Optional[tor
     # Scaling by the object's area keeps the expected number of flipped pixels proportional to the object: a small
     # object is barely touched, a large one gets many scattered holes and stray points.
     flip_prob = foreground.sum(-1, keepdim=True, dtype=torch.float32) * (point_noise / hw)
-    draws = torch.rand(foreground.shape, generator=generator, device=foreground.device)
+    draws = torch.rand(foreground.shape, device=foreground.device, **_rng(generator))
     return foreground ^ (draws < flip_prob)
 
 
@@ -369,7 +375,10 @@ class MaskPilotNoiser(nn.Module):
             elif tuple(masks.shape[-2:]) != mask_size:
                 raise ValueError(f"all targets' masks must share (H, W): targets[0] has {mask_size}, "
                                  f"targets[{i}] has {tuple(masks.shape[-2:])}")
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            # A data-dependent check: skipped while torch.compile traces (an out-of-range label still fails in the
+            # embedding lookup).
+            if (not torch.compiler.is_compiling() and labels.numel()
+                    and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes)):
                 raise ValueError(f"targets[{i}]['labels'] must lie in [0, {self.num_classes}), got values in "
                                  f"[{int(labels.min())}, {int(labels.max())}]")
             counts.append(labels.shape[0])
@@ -393,8 +402,8 @@ class MaskPilotNoiser(nn.Module):
 
         noised = true_labels.clamp(min=0)
         if self.label_noise > 0.0:
-            swap = torch.rand(noised.shape, generator=generator, device=device) < self.label_noise
-            random_labels = torch.randint(0, self.num_classes, noised.shape, generator=generator, device=device)
+            swap = torch.rand(noised.shape, device=device, **_rng(generator)) < self.label_noise
+            random_labels = torch.randint(0, self.num_classes, noised.shape, device=device, **_rng(generator))
             noised = torch.where(swap, random_labels, noised)
         # Padding slots get zero content (as the official zero-initialised "padding" tensor), not an embedding.
         pilot_queries = self.label_enc(noised) * valid.unsqueeze(-1).to(self.label_enc.weight.dtype)
