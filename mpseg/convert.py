@@ -17,9 +17,10 @@ anything else                          ``extra`` (``criterion.empty_weight``, ``
 HF checkpoints are first renamed to the official layout (:func:`hf_to_official`; its self-attention keeps q/k/v in
 separate linears, which are packed into ``in_proj_weight`` / ``in_proj_bias`` in q, k, v order).
 
-Example:
-    >>> weights = convert.load_official_checkpoint("model_final.pkl")          # doctest: +SKIP
-    >>> parts = convert.split_official(weights, pixel_decoder=pd, decoder=dec)  # doctest: +SKIP
+Example (with an official checkpoint file at hand)::
+
+    weights = convert.load_official_checkpoint("model_final.pkl")
+    parts = convert.split_official(weights, pixel_decoder=pd, decoder=dec)
 """
 
 from __future__ import annotations

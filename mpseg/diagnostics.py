@@ -81,9 +81,18 @@ def layer_consistency(
         of predictions). With no ground truth the values are NaN.
 
     Example:
-        >>> from mpseg import HungarianMatcher  # doctest: +SKIP
-        >>> stats = layer_consistency(model_outputs, targets, HungarianMatcher())  # doctest: +SKIP
-        >>> stats["mean_iou"], stats["mean_same_query"]  # doctest: +SKIP
+        Two predictions that agree exactly (one class, two queries, one ground truth):
+
+        >>> import torch
+        >>> from mpseg import HungarianMatcher
+        >>> masks = torch.full((1, 2, 8, 8), -10.0)
+        >>> masks[0, 0, :4] = 10.0
+        >>> layer = {"pred_logits": torch.tensor([[[5.0, -5.0], [-5.0, 5.0]]]), "pred_masks": masks}
+        >>> outputs = dict(layer, aux_outputs=[dict(layer)])
+        >>> targets = [{"labels": torch.tensor([0]), "masks": masks[0, :1] > 0}]
+        >>> stats = layer_consistency(outputs, targets, HungarianMatcher(num_points=64))
+        >>> round(stats["mean_iou"], 3), round(stats["mean_same_query"], 3)
+        (1.0, 1.0)
     """
     if match_layer not in ("next", "current"):
         raise ValueError(f"match_layer must be 'next' or 'current', got {match_layer!r}")
