@@ -27,7 +27,7 @@ from .inference import instance_inference, panoptic_inference, resize_mask_logit
 from .diagnostics import layer_consistency
 from . import convert
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "__version__",
