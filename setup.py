@@ -51,6 +51,7 @@ def extensions():
         name="mpseg._C",
         sources=[os.path.relpath(s, ROOT) for s in cfg.sources(csrc, with_cuda)],
         include_dirs=[str(csrc)],
+        # -fopenmp in both lists (from _build_config): without it at::parallel_for silently runs one thread.
         extra_compile_args=cfg.compile_args(with_cuda),
         extra_link_args=cfg.link_args(),
         py_limited_api=False,
