@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 namespace mpseg {
 namespace msda {
@@ -59,6 +60,20 @@ inline Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_sha
               "ms_deform_attn: all inputs must be on one device, got value on ", device, ", sampling_locations on ",
               sampling_locations.device(), ", attention_weights on ", attention_weights.device(),
               ", spatial_shapes on ", spatial_shapes.device(), ", level_start_index on ", level_start_index.device());
+  return n;
+}
+
+// The forward's checks plus grad_output's: one place for both backends' backward.
+inline Sizes check_backward_inputs(const at::Tensor& grad_output, const at::Tensor& value,
+                                   const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const Sizes n = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const std::vector<int64_t> out_shape{n.batch, n.queries, n.heads * n.channels};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape), "ms_deform_attn backward: grad_output must be ",
+              at::IntArrayRef(out_shape), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device(),
+              "ms_deform_attn backward: grad_output must match value's dtype and device, got ",
+              grad_output.scalar_type(), " on ", grad_output.device());
   return n;
 }
 

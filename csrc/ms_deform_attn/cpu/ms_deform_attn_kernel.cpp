@@ -256,13 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& level_start_index,
                                                             const at::Tensor& sampling_locations,
                                                             const at::Tensor& attention_weights) {
-  const Sizes n = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const std::vector<int64_t> out_shape{n.batch, n.queries, n.heads * n.channels};
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape), "ms_deform_attn backward: grad_output must be ",
-              at::IntArrayRef(out_shape), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device(),
-              "ms_deform_attn backward: grad_output must match value's dtype and device, got ",
-              grad_output.scalar_type(), " on ", grad_output.device());
+  const Sizes n =
+      check_backward_inputs(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const at::Tensor shapes = spatial_shapes.contiguous();
   const at::Tensor starts = level_start_index.contiguous();
   check_levels_host(shapes, starts, n.rows);
