@@ -24,6 +24,8 @@ import statistics
 import sys
 import time
 
+import torch
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 import shapes_demo  # noqa: E402
@@ -91,6 +93,8 @@ def main(argv=None) -> dict:
     start = time.time()
     for seed in args.seeds:
         demo_args = shapes_demo.parse_args(rest + ["--seed", str(seed), "--no-progress", "--grid", "0"])
+        if demo_args.threads:
+            torch.set_num_threads(demo_args.threads)
         train_set = ShapesDataset(demo_args.train_images, split="train", image_size=demo_args.image_size, seed=seed)
         # One held-out split for every seed, so the seeds differ in initialisation, data order and noise only.
         val_set = ShapesDataset(demo_args.val_images, split="val", image_size=demo_args.image_size, seed=12345)

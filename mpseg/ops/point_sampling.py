@@ -194,28 +194,32 @@ def sample_masks_at_points(
     x0 = x0f.to(torch.int64)
     y0 = y0f.to(torch.int64)
 
-    # The four neighbours of every point, stacked on dim -2: index and bilinear weight [..., 4, P]. Neighbours outside
-    # the mask (padding, canvas) get weight 0, as grid_sample's zero padding gives them.
-    indices, weights = [], []
-    for dy, wy in ((0, 1.0 - wy1), (1, wy1)):
-        for dx, wx in ((0, 1.0 - wx1), (1, wx1)):
-            xi = x0 + dx
-            yi = y0 + dy
-            inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-            indices.append(yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1))
-            weights.append(wx * wy * inside)
-    index = torch.stack(indices, dim=-2)
-    weight = torch.stack(weights, dim=-2).to(dtype)
+    # Bilinear weights of the four neighbours; a neighbour outside the mask (padding, canvas) gets weight 0, as
+    # grid_sample's zero padding gives it, and its index is clamped to some pixel inside (read, then zero-weighted).
+    wx0 = (1.0 - wx1) * ((x0 >= 0) & (x0 < width))
+    wx1 = wx1 * ((x0 >= -1) & (x0 < width - 1))
+    wy0 = (1.0 - wy1) * ((y0 >= 0) & (y0 < height))
+    wy1 = wy1 * ((y0 >= -1) & (y0 < height - 1))
+    xc0 = x0.clamp(0, width - 1)
+    xc1 = (x0 + 1).clamp(0, width - 1)
+    row0 = y0.clamp(0, height - 1) * width
+    row1 = (y0 + 1).clamp(0, height - 1) * width
+    if not shared:
+        # Offset of each row's mask in the flattened masks: one 1-D gather reads all rows (advanced indexing with a
+        # [R, 1] row index is several times slower on the CPU). The selected masks are never copied.
+        rows = mask_index.to(masks.device) if mask_index is not None else torch.arange(num_rows, device=masks.device)
+        offset = (rows * (height * width)).unsqueeze(1)
+        row0 = row0 + offset
+        row1 = row1 + offset
+    # [..., 4, P]: neighbours (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
+    index = torch.stack([row0 + xc0, row0 + xc1, row1 + xc0, row1 + xc1], dim=-2)
+    weight = torch.stack([wx0 * wy0, wx1 * wy0, wx0 * wy1, wx1 * wy1], dim=-2).to(dtype)
 
     # One gather of 4 * P values per row from the original (e.g. bool) masks, one conversion of those to float.
-    flat = masks.reshape(num_masks, height * width)
     if shared:
-        values = flat.index_select(1, index.flatten())
-    elif mask_index is not None:
-        rows = mask_index.to(masks.device).unsqueeze(1)  # [R, 1]; the selected masks are never copied
-        values = flat[rows, index.flatten(1)]
+        values = masks.reshape(num_masks, height * width).index_select(1, index.flatten())
     else:
-        values = torch.gather(flat, 1, index.flatten(1))
+        values = masks.reshape(-1).index_select(0, index.flatten())
     return (values.view(num_rows, 4, num_points).to(dtype) * weight).sum(-2)
 
 
@@ -268,7 +272,9 @@ def sample_uncertain_points(
     num_random = num_points - num_uncertain
     # The kept points are a set (the losses average over them): sorted=False selects the same set at half the cost.
     index = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1, sorted=False).indices
-    coords = torch.gather(coords, 1, index.unsqueeze(-1).expand(-1, -1, 2))
+    # coords[n, index[n, i]] as one 1-D gather over the flattened rows (faster than gather with an expanded index).
+    rows = torch.arange(num_masks, device=index.device).unsqueeze(1) * num_sampled
+    coords = coords.reshape(-1, 2).index_select(0, (index + rows).flatten()).view(num_masks, num_uncertain, 2)
     if num_random > 0:
         extra = uniform_points(num_masks, num_random, device=logits.device, generator=generator)
         coords = torch.cat([coords, extra], dim=1)
