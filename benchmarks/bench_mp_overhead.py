@@ -78,17 +78,24 @@ def main(argv=None) -> dict:
     noise_gen = torch.Generator(device=device).manual_seed(1)
     point_gen = torch.Generator(device=device).manual_seed(2)
 
-    def train_step(piloted: bool) -> float:
+    def train_step(piloted: bool) -> tuple[float, float, float, float]:
+        """Total, then its parts: noiser + decoder forward, criterion forward, backward."""
         _sync(device)
         start = clock()
         pilot = noiser(targets, generator=noise_gen) if piloted else None
-        losses = criterion(decoder(feats, mask_features, pilot=pilot), targets, generator=point_gen)
+        outputs = decoder(feats, mask_features, pilot=pilot)
+        _sync(device)
+        forward = clock()
+        losses = criterion(outputs, targets, generator=point_gen)
         loss = losses["loss"] + (noiser.dummy_loss() if piloted else 0.0)
+        _sync(device)
+        criterion_done = clock()
         loss.backward()
         _sync(device)
+        end = clock()
         decoder.zero_grad(set_to_none=True)
         noiser.zero_grad(set_to_none=True)
-        return clock() - start
+        return end - start, forward - start, criterion_done - forward, end - criterion_done
 
     @torch.no_grad()
     def infer_step(with_noiser: bool) -> float:
@@ -101,14 +108,17 @@ def main(argv=None) -> dict:
         _sync(device)
         return clock() - start
 
-    timings = {"train_base": [], "train_mp": [], "infer_base": [], "infer_noiser": []}
+    timings = {}
     for rep in range(args.warmup + args.reps):
         # Interleave the variants so machine noise hits both alike.
-        sample = {"train_base": train_step(False), "train_mp": train_step(True), "infer_base": infer_step(False),
+        base, mp = train_step(False), train_step(True)
+        sample = {"train_base": base[0], "train_mp": mp[0], "infer_base": infer_step(False),
                   "infer_noiser": infer_step(True)}
+        for part, b, m in zip(("decoder", "criterion", "backward"), base[1:], mp[1:]):
+            sample[f"{part}_base"], sample[f"{part}_mp"] = b, m
         if rep >= args.warmup:
             for k, v in sample.items():
-                timings[k].append(v)
+                timings.setdefault(k, []).append(v)
     med = {k: statistics.median(v) for k, v in timings.items()}
     pilot = noiser(targets)
     print(f"device {device}, B={args.batch}, {s}x{s}, Q={args.queries}, {args.objects} objects/image "
@@ -116,6 +126,11 @@ def main(argv=None) -> dict:
           f"{args.reps} reps (median {'CPU' if clock is time.process_time else 'wall'} time)")
     print(f"train step  Mask2Former {med['train_base'] * 1e3:9.1f} ms | MP-Former {med['train_mp'] * 1e3:9.1f} ms | "
           f"ratio {med['train_mp'] / med['train_base']:.3f}x (target <= 1.15x)")
+    for part, what in (("decoder", "noiser + decoder forward"), ("criterion", "criterion forward"),
+                       ("backward", "backward")):
+        b, m = med[f"{part}_base"], med[f"{part}_mp"]
+        print(f"  {what:<26}{b * 1e3:9.1f} ms | {m * 1e3:9.1f} ms | +{(m - b) * 1e3:7.1f} ms "
+              f"({(m - b) / med['train_base'] * 100:4.1f}% of the baseline step)")
     print(f"inference   without noiser {med['infer_base'] * 1e3:9.1f} ms | noiser constructed, unused "
           f"{med['infer_noiser'] * 1e3:9.1f} ms | ratio {med['infer_noiser'] / med['infer_base']:.3f}x")
     return med

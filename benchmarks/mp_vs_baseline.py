@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import shapes_demo  # noqa: E402
 from _shapes import ShapesDataset  # noqa: E402
 
-_METRICS = (("eval_miou", "mIoU", 1), ("eval_pq", "PQ", 1), ("eval_ap", "AP", 1), ("eval_layer_iou", "L-IoU", 3),
-            ("eval_layer_same_query", "L-same", 3))
+_METRICS = (("eval_miou", "mIoU", 1), ("eval_pq", "PQ", 1), ("eval_ap", "AP", 1), ("eval_pq_th", "PQth", 1),
+            ("eval_pq_st", "PQst", 1), ("eval_layer_iou", "L-IoU", 3), ("eval_layer_same_query", "L-same", 3))
 
 
 def _mean_std(values):
@@ -44,21 +44,24 @@ def _mean_std(values):
 
 def report(runs: dict, seeds: list, demo_args: dict, out: str) -> dict:
     """Print the per-checkpoint table (mean +- std over seeds) and save ``summary.json`` in ``out``."""
-    steps = runs["mask2former"][0]["eval_step"]
+    runs = {mode: histories for mode, histories in runs.items() if histories}
+    steps = next(iter(runs.values()))[0]["eval_step"]
+    metrics = [m for m in _METRICS if all(m[0] in h for hs in runs.values() for h in hs)]  # older runs lack some
     print(f"\nmean +- std over seeds {seeds}; {demo_args['steps']} steps x batch {demo_args['batch_size']}, "
-          f"{demo_args['image_size']}px, {demo_args['val_images']} held-out images")
+          f"{demo_args['image_size']}px, {demo_args['dec_layers']} decoder layers, {demo_args['val_images']} held-out "
+          f"images, _mp loss weight x{demo_args.get('mp_loss_weight', 1.0)}")
     summary = {"steps": steps, "seeds": seeds, "args": demo_args}
-    header = f"{'step':>6} {'model':<12}" + "".join(f"{name:>16}" for _, name, _ in _METRICS)
+    header = f"{'step':>6} {'model':<12}" + "".join(f"{name:>16}" for _, name, _ in metrics)
     print(header)
     for i, step in enumerate(steps):
         for mode, histories in runs.items():
             cells = []
-            for key, _, digits in _METRICS:
+            for key, _, digits in metrics:
                 mean, std = _mean_std([h[key][i] for h in histories])
                 summary.setdefault(mode, {}).setdefault(key, []).append((mean, std))
                 cells.append(f"{mean:.{digits}f} +- {std:.{digits}f}".rjust(16))
             print(f"{step:>6} {mode:<12}" + "".join(cells))
-    for key, name, _ in _METRICS[:3]:
+    for key, name, _ in metrics[:3] if len(runs) == 2 else []:
         final = summary["mask2former"][key][-1][0]
         reached = next((steps[i] for i, (m, _) in enumerate(summary["mp-former"][key]) if m >= final), None)
         when = f"step {reached}" if reached is not None else "not within the run"
@@ -83,7 +86,7 @@ def main(argv=None) -> dict:
             with open(os.path.join(d, "summary.json")) as f:
                 data = json.load(f)
             for mode in runs:
-                runs[mode].extend(data["runs"][mode])
+                runs[mode].extend(data["runs"].get(mode, []))
             seeds.extend(data["summary"]["seeds"])
             demo_args = data["summary"]["args"]
         return report(runs, seeds, demo_args, args.out)
@@ -98,7 +101,7 @@ def main(argv=None) -> dict:
         train_set = ShapesDataset(demo_args.train_images, split="train", image_size=demo_args.image_size, seed=seed)
         # One held-out split for every seed, so the seeds differ in initialisation, data order and noise only.
         val_set = ShapesDataset(demo_args.val_images, split="val", image_size=demo_args.image_size, seed=12345)
-        for mode in runs:
+        for mode in demo_args.modes.split(","):
             result = shapes_demo.train(demo_args, mask_piloted=mode == "mp-former", train_set=train_set,
                                        val_set=val_set, label=f"{mode} seed {seed}")
             runs[mode].append(result["history"])

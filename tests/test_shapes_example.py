@@ -115,7 +115,8 @@ def test_demo_script_runs_end_to_end(tmp_path):
     import shapes_demo
 
     results = shapes_demo.main(["--steps", "2", "--batch-size", "2", "--train-images", "8", "--val-images", "4",
-                                "--evals", "1", "--grid", "2", "--dec-layers", "2", "--no-progress", "--out",
+                                "--evals", "1", "--grid", "2", "--dec-layers", "2", "--image-size", "64",
+                                "--no-progress", "--out",
                                 str(tmp_path)])
     assert set(results) == {"mask2former", "mp-former"}
     for r in results.values():
@@ -124,3 +125,13 @@ def test_demo_script_runs_end_to_end(tmp_path):
         assert len(r["history"]["loss"]) == 2 and r["history"]["eval_step"] == [2]
     for name in ("predictions.png", "curves.png", "results.json"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_demo_pilot_loss_weight_scales_only_the_pilot_terms():
+    import shapes_demo
+
+    _, criterion = shapes_demo.make_criterion(shapes_demo.parse_args(["--mp-loss-weight", "0.5"]))
+    assert [criterion.weight(k) for k in ("loss_ce", "loss_mask_2", "loss_dice")] == [2.0, 5.0, 5.0]
+    assert [criterion.weight(k) for k in ("loss_ce_mp", "loss_mask_mp_2", "loss_dice_mp_0")] == [1.0, 2.5, 2.5]
+    _, default = shapes_demo.make_criterion(shapes_demo.parse_args([]))
+    assert default.weight("loss_mask_mp_4") == 5.0  # MP-Former: the pilots' losses weigh as the matching ones
