@@ -133,5 +133,7 @@ def test_demo_pilot_loss_weight_scales_only_the_pilot_terms():
     _, criterion = shapes_demo.make_criterion(shapes_demo.parse_args(["--mp-loss-weight", "0.5"]))
     assert [criterion.weight(k) for k in ("loss_ce", "loss_mask_2", "loss_dice")] == [2.0, 5.0, 5.0]
     assert [criterion.weight(k) for k in ("loss_ce_mp", "loss_mask_mp_2", "loss_dice_mp_0")] == [1.0, 2.5, 2.5]
-    _, default = shapes_demo.make_criterion(shapes_demo.parse_args([]))
-    assert default.weight("loss_mask_mp_4") == 5.0  # MP-Former: the pilots' losses weigh as the matching ones
+    _, paper = shapes_demo.make_criterion(shapes_demo.parse_args(["--mp-loss-weight", "1"]))
+    assert paper.weight("loss_mask_mp_4") == 5.0  # MP-Former: the pilots' losses weigh as the matching ones
+    _, demo_default = shapes_demo.make_criterion(shapes_demo.parse_args([]))
+    assert demo_default.weight("loss_mask_mp_4") == 2.5  # the demo's default, see docs/guide/mask_pilot.rst
