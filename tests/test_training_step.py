@@ -6,6 +6,7 @@ Sizes are tiny: compilation dominates on a CPU, and the properties tested (what 
 parts stay in float32) do not depend on them.
 """
 
+import contextlib
 import logging
 import re
 
@@ -85,6 +86,22 @@ class _GraphBreaks(logging.Handler):
         self.skipped += re.findall(r"frame skipped: (\S+ \(\S+) line", text)
 
 
+@contextlib.contextmanager
+def _recording_graph_breaks():
+    """Fresh Dynamo state with graph-break logging on; yields the :class:`_GraphBreaks` that collects them."""
+    breaks = _GraphBreaks()
+    logger = logging.getLogger("torch._dynamo")
+    torch._dynamo.reset()
+    torch._logging.set_logs(graph_breaks=True)
+    logger.addHandler(breaks)
+    try:
+        yield breaks
+    finally:
+        logger.removeHandler(breaks)
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_compiled_training_step_equals_eager():
     blocks = _blocks()
@@ -110,12 +127,7 @@ def test_compiled_training_step_equals_eager():
         # the eager kernels, so compiled and eager agree to rounding and the test compiles in seconds, not minutes.
         return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
 
-    breaks = _GraphBreaks()
-    logger = logging.getLogger("torch._dynamo")
-    torch._dynamo.reset()
-    torch._logging.set_logs(graph_breaks=True)
-    logger.addHandler(breaks)
-    try:
+    with _recording_graph_breaks() as breaks:
         compiled = torch.compile(step, backend=backend)
         for i, seed in enumerate((7, 8)):
             before = len(graphs)
@@ -129,10 +141,6 @@ def test_compiled_training_step_equals_eager():
             for g, r in zip(grads, ref_grads):
                 torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
             optimizer.step()
-    finally:
-        logger.removeHandler(breaks)
-        torch._logging.set_logs()
-        torch._dynamo.reset()
 
     # The whole step is one graph: nothing breaks in the pixel decoder, noiser (its label-range check is skipped while
     # compiling), decoder, matcher (SciPy runs inside the custom op torch.ops.mpseg.linear_sum_assignment) or criterion
@@ -150,17 +158,8 @@ def test_graph_break_log_is_understood():
             return y + 1
         return y - 1
 
-    breaks = _GraphBreaks()
-    logger = logging.getLogger("torch._dynamo")
-    torch._dynamo.reset()
-    torch._logging.set_logs(graph_breaks=True)
-    logger.addHandler(breaks)
-    try:
+    with _recording_graph_breaks() as breaks:
         torch.compile(f, backend="eager")(torch.ones(3))
-    finally:
-        logger.removeHandler(breaks)
-        torch._logging.set_logs()
-        torch._dynamo.reset()
     assert breaks.sites and all(site.endswith("test_training_step.py") for site in breaks.sites), breaks.sites
 
 
