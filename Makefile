@@ -39,7 +39,7 @@ SANITIZE_ENV := MPSEG_SANITIZE=1 MPSEG_NO_CUDA=1 MPSEG_EXTENSION=jit MPSEG_CACHE
 test-sanitize: setup
 	$(SANITIZE_ENV) $(PY) -c "from mpseg import _extension as e; s = e.load(); assert s.loaded, s.reason(); \
 	assert e.build_info()['sanitize'], 'not a sanitizer build'; print('mpseg: sanitizer build in', s.path)"
-	$(SANITIZE_ENV) $(PY) -m pytest tests/test_ms_deform_attn.py -m "sanitize" -p no:cacheprovider $(PYTEST_ARGS)
+	$(SANITIZE_ENV) $(PY) -m pytest tests/test_ms_deform_attn.py tests/test_point_sample.py -m "sanitize" -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_ms_deform_attn.py

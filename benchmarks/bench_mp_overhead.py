@@ -28,15 +28,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _targets(batch: int, objects: int, size: int, num_classes: int, gen: torch.Generator, device) -> list[dict]:
+def _targets(batch: int, objects: int, size: int, num_classes: int, gen: torch.Generator, device,
+             dtype: torch.dtype = torch.bool) -> list[dict]:
     out = []
     for _ in range(batch):
-        masks = torch.zeros(objects, size, size)
+        masks = torch.zeros(objects, size, size, dtype=dtype)
         for j in range(objects):
             h, w = (torch.randint(size // 16, size // 3, (2,), generator=gen)).tolist()
             y, x = torch.randint(0, size - h, (1,), generator=gen).item(), torch.randint(0, size - w, (1,),
                                                                                           generator=gen).item()
-            masks[j, y:y + h, x:x + w] = 1.0
+            masks[j, y:y + h, x:x + w] = 1
         out.append({"labels": torch.randint(0, num_classes, (objects,), generator=gen).to(device),
                     "masks": masks.to(device)})
     return out
@@ -53,6 +54,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dec-layers", type=int, default=9)
     p.add_argument("--points", type=int, default=12544)
     p.add_argument("--groups", type=int, default=1)
+    p.add_argument("--target-dtype", choices=("bool", "float32"), default="bool",
+                   help="dtype of the ground-truth masks (Mask2Former's data pipeline gives bool masks)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -74,7 +77,7 @@ def main(argv=None) -> dict:
     s = args.size
     feats = [torch.randn(args.batch, args.hidden, s // st, s // st, device=device) for st in (32, 16, 8)]
     mask_features = torch.randn(args.batch, args.hidden, s // 4, s // 4, device=device)
-    targets = _targets(args.batch, args.objects, s, args.classes, gen, device)
+    targets = _targets(args.batch, args.objects, s, args.classes, gen, device, getattr(torch, args.target_dtype))
     noise_gen = torch.Generator(device=device).manual_seed(1)
     point_gen = torch.Generator(device=device).manual_seed(2)
 
@@ -122,7 +125,7 @@ def main(argv=None) -> dict:
     med = {k: statistics.median(v) for k, v in timings.items()}
     pilot = noiser(targets)
     print(f"device {device}, B={args.batch}, {s}x{s}, Q={args.queries}, {args.objects} objects/image "
-          f"(Np={pilot.num_pilots}), {args.dec_layers} layers, hidden {args.hidden}, {args.points} points, "
+          f"(Np={pilot.num_pilots}, {args.target_dtype} masks), {args.dec_layers} layers, hidden {args.hidden}, {args.points} points, "
           f"{args.reps} reps (median {'CPU' if clock is time.process_time else 'wall'} time)")
     print(f"train step  Mask2Former {med['train_base'] * 1e3:9.1f} ms | MP-Former {med['train_mp'] * 1e3:9.1f} ms | "
           f"ratio {med['train_mp'] / med['train_base']:.3f}x (target <= 1.15x)")

@@ -2,7 +2,8 @@
 //
 // The mpseg operator library: schemas of every op (kernels register per backend in <op>/cpu and <op>/cuda), plus an
 // empty Python module so that `import mpseg._C` loads this shared library and thereby runs the registrations.
-// Autograd, fake-tensor and autocast rules are registered in Python (mpseg/ops/ms_deform_attn.py).
+// Autograd, fake-tensor and autocast rules are registered in Python (mpseg/ops/ms_deform_attn.py,
+// mpseg/ops/point_sampling.py).
 #include <Python.h>
 
 #include <ATen/Parallel.h>
@@ -66,6 +67,12 @@ TORCH_LIBRARY(mpseg, m) {
   m.def(
       "_ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
+  // Private kernels of mpseg.sample_masks_at_points and mpseg.sample_uncertain_points (point_sampling/): bilinear
+  // values of masks at points (no gradient), and the k most uncertain (-|logit|) of S candidate points per mask.
+  m.def(
+      "_sample_masks_at_points(Tensor masks, Tensor coords, Tensor? mask_index, SymInt canvas_h, SymInt canvas_w) "
+      "-> Tensor");
+  m.def("_select_uncertain_points(Tensor logits, Tensor coords, SymInt k) -> Tensor");
   m.def("_build_info() -> str", &mpseg::build_info);
 }
 

@@ -26,7 +26,7 @@ import torch
 
 from . import _build_config, _config
 
-__all__ = ["ExtensionStatus", "load", "status", "is_loaded", "build_info", "warn_fallback_once"]
+__all__ = ["ExtensionStatus", "load", "status", "is_loaded", "has_kernels", "build_info", "warn_fallback_once"]
 
 
 @dataclass
@@ -137,9 +137,11 @@ def load() -> ExtensionStatus:
         _STATUS = result
         if result.loaded:
             # The Python registrations (autograd, fake, autocast) need the C++ schema: run them now.
-            from .ops.ms_deform_attn import _register_kernels
+            from .ops.ms_deform_attn import _register_kernels as register_msda
+            from .ops.point_sampling import _register_kernels as register_point_ops
 
-            _register_kernels()
+            register_msda()
+            register_point_ops()
             # Cache now: a first call of this op while torch.export traces would be recorded in the graph.
             build_info()
     return _STATUS
@@ -152,6 +154,18 @@ def status() -> ExtensionStatus:
 
 def is_loaded() -> bool:
     return load().loaded
+
+
+def has_kernels(device_type: str) -> bool:
+    """Whether the compiled ops can run on tensors of ``device_type`` (``"cpu"``, or ``"cuda"`` in a CUDA build)."""
+    if device_type not in ("cpu", "cuda") or not load().loaded:
+        return False
+    return device_type == "cpu" or bool(build_info().get("with_cuda", False))
+
+
+# Constant for torch.compile (what torch.compiler.assume_constant_result sets, without importing torch._dynamo): the
+# answer is computed once at trace time and becomes part of the graph.
+has_kernels._dynamo_marked_constant = True
 
 
 def warn_fallback_once(what: str) -> None:

@@ -110,6 +110,7 @@ def _worker(rank, world_size, port, out_dir):
         losses = step(Unwrap(), images[part], targets[part])
         grads = {name: p.grad.clone() for name, p in model.module.named_parameters()}
         torch.save({"losses": losses, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears down while another still uses the connections (gloo aborts then)
     finally:
         dist.destroy_process_group()
 

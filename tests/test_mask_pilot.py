@@ -284,7 +284,7 @@ def test_bad_inputs_raise_clear_errors():
 
 _DDP_WORKER = textwrap.dedent(
     """
-    import datetime, sys, torch, torch.distributed as dist
+    import datetime, os, sys, torch, torch.distributed as dist
     from torch import nn
     from mpseg.layers.mask_pilot import MaskPilotNoiser
 
@@ -319,10 +319,14 @@ _DDP_WORKER = textwrap.dedent(
             model(torch.ones(2, 4), targets).backward()
     except RuntimeError as err:
         print("RUNTIME_ERROR", "finished reduction" in str(err), flush=True)
-        sys.exit(0)
+        os._exit(0)  # no interpreter teardown: gloo's threads can abort it ("terminate called") under load
     grad = model.module.noiser.label_enc.weight.grad
     print("GRAD", grad.sum(-1).tolist(), flush=True)
+    # Both ranks past their last collective before either tears down (a rank closing its connections while the other
+    # still uses them makes gloo abort the process under load).
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)
     """
 )
 

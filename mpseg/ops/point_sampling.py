@@ -13,6 +13,11 @@ instead of on whole masks, which cuts training memory threefold. This module hol
 
 Every random draw goes through :func:`uniform_points`, in the order detectron2 makes them, so a run seeded like the
 official code draws the same points.
+
+The uncertain-point selection and the target-mask reads run as compiled kernels (``torch.ops.mpseg``, from
+``csrc/point_sampling``) when the extension is loaded for the inputs' device and no input needs a gradient through
+them; otherwise, and for tests, the PyTorch paths ``_select_uncertain_points_torch`` and
+``_sample_masks_at_points_torch`` run.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .. import _extension
 
 __all__ = [
     "point_sample",
@@ -150,7 +157,11 @@ def sample_masks_at_points(
         dtype (torch.dtype): floating-point dtype of the result.
 
     Returns:
-        Tensor[N, P] (Tensor[R, P] with ``mask_index``): sampled values in ``dtype``.
+        Tensor[N, P] (Tensor[R, P] with ``mask_index``): sampled values in ``dtype``; NaN at a NaN or infinite
+        coordinate, as :func:`point_sample` gives.
+
+    Raises:
+        ValueError: bad shapes, a canvas smaller than the masks, or a ``mask_index`` entry outside ``[0, N)``.
     """
     if not isinstance(masks, Tensor) or masks.dim() != 3:
         raise ValueError(f"masks must be a 3-D Tensor [N, H, W], got {_describe(masks)}")
@@ -181,10 +192,48 @@ def sample_masks_at_points(
     num_points = point_coords.shape[-2]
     if height * width == 0 or num_rows == 0:  # nothing to read: every point is padding
         return torch.zeros(num_rows, num_points, dtype=dtype, device=masks.device)
+    if mask_index is not None and not torch.compiler.is_compiling() and mask_index.numel():
+        low, high = int(mask_index.min()), int(mask_index.max())  # a host sync only for an index on the GPU
+        if low < 0 or high >= num_masks:
+            raise ValueError(f"mask_index must hold indices into the {num_masks} masks, got values in [{low}, {high}]")
+    coords = point_coords.to(torch.promote_types(point_coords.dtype, torch.float32))
+    if _use_kernel(masks.device.type, masks, coords):
+        index = None if mask_index is None else mask_index.to(masks.device)
+        values = torch.ops.mpseg._sample_masks_at_points(masks, coords, index, canvas_h, canvas_w)
+        return values.to(dtype)
+    return _sample_masks_at_points_torch(masks, coords, mask_index, (canvas_h, canvas_w), dtype)
 
+
+def _use_kernel(device_type: str, *tensors: Tensor) -> bool:
+    """Whether the compiled point kernels run: loaded for this device, and no input needs a gradient through them."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # the kernels have no backward; the PyTorch path is differentiable
+    return _kernels_for(device_type)
+
+
+def _kernels_for(device_type: str) -> bool:
+    if _extension.has_kernels(device_type):
+        return True
+    if device_type in ("cpu", "cuda"):
+        _extension.warn_fallback_once("the point sampling of the mask losses")
+    return False
+
+
+# Run once at trace time under torch.compile, its answer a constant of the graph (see mpseg._extension.has_kernels).
+_kernels_for._dynamo_marked_constant = True
+
+
+def _sample_masks_at_points_torch(
+    masks: Tensor, coords: Tensor, mask_index: Tensor | None, canvas_size: tuple[int, int], dtype: torch.dtype
+) -> Tensor:
+    """The PyTorch path of :func:`sample_masks_at_points` (arguments checked; coords float32 or float64)."""
+    num_masks, height, width = masks.shape
+    canvas_h, canvas_w = canvas_size
+    shared = coords.dim() == 2
+    num_rows = num_masks if mask_index is None else mask_index.shape[0]
+    num_points = coords.shape[-2]
     # grid_sample's unnormalisation for align_corners=False, written as its CPU kernel computes it, so that results
     # agree to rounding: pixel = (g + 1) * (size / 2) - 0.5 with g = 2c - 1.
-    coords = point_coords.to(torch.promote_types(point_coords.dtype, torch.float32))
     x = (2.0 * coords[..., 0] - 1.0 + 1.0) * (canvas_w / 2.0) - 0.5
     y = (2.0 * coords[..., 1] - 1.0 + 1.0) * (canvas_h / 2.0) - 0.5
     x0f = torch.floor(x)
@@ -254,7 +303,8 @@ def sample_uncertain_points(
         generator (torch.Generator, optional): source of randomness.
 
     Returns:
-        Tensor[N, P, 2]: normalised (x, y) points.
+        Tensor[N, P, 2]: normalised (x, y) points: the uncertain ones first (in candidate order with the compiled
+        kernel, in ``torch.topk``'s order otherwise), then the random fill.
     """
     if not isinstance(logits, Tensor) or logits.dim() != 4 or logits.shape[1] != 1:
         raise ValueError(f"logits must be a Tensor [N, 1, H, W], got {_describe(logits)}")
@@ -266,16 +316,70 @@ def sample_uncertain_points(
         raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
     num_masks = logits.shape[0]
     num_sampled = int(num_points * oversample_ratio)
-    coords = uniform_points(num_masks, num_sampled, device=logits.device, generator=generator)
-    uncertainty = uncertainty_func(point_sample(logits, coords))  # [N, 1, P']
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
-    # The kept points are a set (the losses average over them): sorted=False selects the same set at half the cost.
-    index = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1, sorted=False).indices
-    # coords[n, index[n, i]] as one 1-D gather over the flattened rows (faster than gather with an expanded index).
-    rows = torch.arange(num_masks, device=index.device).unsqueeze(1) * num_sampled
-    coords = coords.reshape(-1, 2).index_select(0, (index + rows).flatten()).view(num_masks, num_uncertain, 2)
+    coords = uniform_points(num_masks, num_sampled, device=logits.device, generator=generator)
+    if (
+        uncertainty_func is logit_uncertainty
+        and logits.dtype in (torch.float32, torch.float64)
+        and _use_kernel(logits.device.type, logits)
+    ):
+        # The compiled selection: same candidates, same kept set (up to ties), in candidate order, in O(P') per mask.
+        coords = torch.ops.mpseg._select_uncertain_points(logits[:, 0], coords, num_uncertain)
+    else:
+        coords = _select_uncertain_points_torch(logits, coords, num_uncertain, uncertainty_func)
     if num_random > 0:
         extra = uniform_points(num_masks, num_random, device=logits.device, generator=generator)
         coords = torch.cat([coords, extra], dim=1)
     return coords
+
+
+def _select_uncertain_points_torch(
+    logits: Tensor, coords: Tensor, num_uncertain: int, uncertainty_func: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """The PyTorch path of the selection in :func:`sample_uncertain_points`: coords[n] of the ``num_uncertain`` most
+    uncertain candidates of mask n, Tensor[N, num_uncertain, 2] (in topk's order)."""
+    num_masks, num_sampled = coords.shape[:2]
+    uncertainty = uncertainty_func(point_sample(logits, coords))  # [N, 1, P']
+    # The kept points are a set (the losses average over them): sorted=False selects the same set at half the cost.
+    index = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1, sorted=False).indices
+    # coords[n, index[n, i]] as one 1-D gather over the flattened rows (faster than gather with an expanded index).
+    rows = torch.arange(num_masks, device=index.device).unsqueeze(1) * num_sampled
+    return coords.reshape(-1, 2).index_select(0, (index + rows).flatten()).view(num_masks, num_uncertain, 2)
+
+
+# Registrations of the compiled ops (run by mpseg._extension.load() right after the library is loaded). Neither op is
+# differentiable: the wrappers above call them only where no input needs a gradient, and their outputs are marked
+# non-differentiable, so a direct call never carries a gradient it did not compute.
+
+
+def _fake_sample_masks(masks, coords, mask_index, canvas_h, canvas_w):
+    rows = masks.shape[0] if mask_index is None else mask_index.shape[0]
+    return coords.new_empty((rows, coords.shape[-2]))
+
+
+def _fake_select(logits, coords, k):
+    return coords.new_empty((coords.shape[0], k, 2))
+
+
+def _non_differentiable(ctx, inputs, output):
+    ctx.mark_non_differentiable(output)
+
+
+def _no_backward(ctx, grad):
+    raise RuntimeError("mpseg's point-sampling kernels have no backward (their outputs are non-differentiable)")
+
+
+_REGISTERED = False
+
+
+def _register_kernels() -> None:
+    """Registers the fake-tensor and autograd rules of the private point ops (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    torch.library.register_fake("mpseg::_sample_masks_at_points")(_fake_sample_masks)
+    torch.library.register_fake("mpseg::_select_uncertain_points")(_fake_select)
+    for name in ("mpseg::_sample_masks_at_points", "mpseg::_select_uncertain_points"):
+        torch.library.register_autograd(name, _no_backward, setup_context=_non_differentiable)
