@@ -44,13 +44,16 @@ problems = []
 for required in ("LICENSE", "README.md", "pyproject.toml", "setup.py", "csrc/mpseg.cpp",
                  "csrc/ms_deform_attn/ms_deform_attn.h", "csrc/ms_deform_attn/sampling.h",
                  "csrc/ms_deform_attn/cpu/ms_deform_attn_kernel.cpp",
-                 "csrc/ms_deform_attn/cuda/ms_deform_attn_kernel.cu"):
+                 "csrc/ms_deform_attn/cuda/ms_deform_attn_kernel.cu", "csrc/point_sampling/sampling.h",
+                 "csrc/point_sampling/cpu/point_sampling_kernel.cpp",
+                 "csrc/point_sampling/cuda/point_sampling_kernel.cu"):
     if required not in names:
         problems.append(f"sdist lacks {required}")
 if not any(n.startswith("mpseg/_C") and n.endswith(".so") for n in wnames):
     problems.append("wheel lacks the compiled extension mpseg/_C*.so")
 for required in ("mpseg/_csrc/mpseg.cpp", "mpseg/_csrc/ms_deform_attn/sampling.h",
-                 "mpseg/_csrc/ms_deform_attn/cuda/ms_deform_attn_kernel.cu"):
+                 "mpseg/_csrc/ms_deform_attn/cuda/ms_deform_attn_kernel.cu", "mpseg/_csrc/point_sampling/sampling.h",
+                 "mpseg/_csrc/point_sampling/cpu/point_sampling_kernel.cpp"):
     if required not in wnames:
         problems.append(f"wheel lacks {required} (sources for the just-in-time fallback)")
 if not any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in wnames):
@@ -108,7 +111,15 @@ for backend in ("cpu", "reference"):
     results[backend] = (out, *grads)
 for name, a, b in zip(("output", "grad value", "grad locations", "grad weights"), results["cpu"], results["reference"]):
     torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
-print(f"smoke: mpseg {mpseg.__version__} from {where.parent}; extension {status.path}; cpu kernel == reference")
+# The point kernel of the mask losses against its PyTorch path (bit for bit).
+from mpseg.ops import point_sampling as ps
+masks = torch.rand(3, 20, 30, generator=g) > 0.5
+coords = torch.rand(4, 50, 2, generator=g)
+index = torch.tensor([2, 0, 1, 2])
+kernel = torch.ops.mpseg._sample_masks_at_points(masks, coords, index, 24, 30)
+torch.testing.assert_close(kernel, ps._sample_masks_at_points_torch(masks, coords, index, (24, 30), torch.float32),
+                           rtol=0, atol=0)
+print(f"smoke: mpseg {mpseg.__version__} from {where.parent}; extension {status.path}; cpu kernels == reference")
 EOF
 "$WORK/venv/bin/python" -m mpseg.info
 t3=$(date +%s)

@@ -136,7 +136,8 @@ def load() -> ExtensionStatus:
                 result.errors.append(f"{name}: {type(exc).__name__}: {first_line}")
         _STATUS = result
         if result.loaded:
-            # The Python registrations (autograd, fake, autocast) need the C++ schema: run them now.
+            # The Python registrations (autograd, fake, autocast) need the C++ schema: run them now, once (this
+            # block runs once per process, under the lock).
             from .ops.ms_deform_attn import _register_kernels as register_msda
             from .ops.point_sampling import _register_kernels as register_point_ops
 

@@ -25,7 +25,6 @@ from ._reference import ms_deform_attn_reference
 __all__ = ["ms_deform_attn", "available_backends", "use_backend"]
 
 _BACKENDS = _config.MSDA_BACKENDS
-_REGISTERED = False
 
 
 def _shape(t: Tensor) -> tuple:
@@ -290,11 +289,8 @@ def _no_double_backward(ctx, *grads):
 
 
 def _register_kernels() -> None:
-    """Registers fake-tensor, autograd and autocast rules of ``torch.ops.mpseg.*`` (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    _REGISTERED = True
+    """Registers fake-tensor, autograd and autocast rules of ``torch.ops.mpseg.ms_deform_attn`` (called once, by
+    :func:`mpseg._extension.load`)."""
     torch.library.register_fake("mpseg::ms_deform_attn")(_fake_forward)
     torch.library.register_fake("mpseg::_ms_deform_attn_backward")(_fake_backward)
     torch.library.register_autograd("mpseg::ms_deform_attn", _backward, setup_context=_setup_context)

@@ -370,15 +370,9 @@ def _no_backward(ctx, grad):
     raise RuntimeError("mpseg's point-sampling kernels have no backward (their outputs are non-differentiable)")
 
 
-_REGISTERED = False
-
-
 def _register_kernels() -> None:
-    """Registers the fake-tensor and autograd rules of the private point ops (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    _REGISTERED = True
+    """Registers the fake-tensor and autograd rules of the private point ops (called once, by
+    :func:`mpseg._extension.load`)."""
     torch.library.register_fake("mpseg::_sample_masks_at_points")(_fake_sample_masks)
     torch.library.register_fake("mpseg::_select_uncertain_points")(_fake_select)
     for name in ("mpseg::_sample_masks_at_points", "mpseg::_select_uncertain_points"):
