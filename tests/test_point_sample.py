@@ -318,7 +318,7 @@ def test_sample_uncertain_points_kernel_and_torch_path_draw_alike(ops, monkeypat
         assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))
 
 
-def test_point_kernels_opcheck_and_no_gradient(ops):
+def test_point_kernels_opcheck_and_no_gradient(ops, monkeypatch):
     g = torch.Generator().manual_seed(24)
     masks = torch.rand(3, 9, 11, generator=g) > 0.5
     coords = torch.rand(4, 20, 2, generator=g)
@@ -326,6 +326,11 @@ def test_point_kernels_opcheck_and_no_gradient(ops):
     torch.library.opcheck(ops._sample_masks_at_points, (masks, coords, index, 12, 11))
     torch.library.opcheck(ops._sample_masks_at_points, (masks.float(), coords[0].double(), None, 9, 11))
     torch.library.opcheck(ops._select_uncertain_points, (torch.randn(4, 9, 11, generator=g), coords, 5))
+    # The selection runs the kernel even for logits that need a gradient (its output never has one).
+    calls = []
+    monkeypatch.setattr(ps, "_select_uncertain_points_torch", lambda *args: calls.append(args))
+    sample_uncertain_points(torch.randn(2, 1, 8, 8, requires_grad=True), 16)
+    assert not calls
     # Outputs are constants for autograd; the public function keeps its gradient by taking the PyTorch path.
     soft = torch.rand(3, 9, 11, generator=g, requires_grad=True)
     assert not ops._sample_masks_at_points(soft, coords, index, 9, 11).requires_grad

@@ -15,8 +15,8 @@ Every random draw goes through :func:`uniform_points`, in the order detectron2 m
 official code draws the same points.
 
 The uncertain-point selection and the target-mask reads run as compiled kernels (``torch.ops.mpseg``, from
-``csrc/point_sampling``) when the extension is loaded for the inputs' device and no input needs a gradient through
-them; otherwise, and for tests, the PyTorch paths ``_select_uncertain_points_torch`` and
+``csrc/point_sampling``) when the extension is loaded for the inputs' device (the target reads: and no input needs a
+gradient); otherwise, and for tests, the PyTorch paths ``_select_uncertain_points_torch`` and
 ``_sample_masks_at_points_torch`` run.
 """
 
@@ -322,7 +322,7 @@ def sample_uncertain_points(
     if (
         uncertainty_func is logit_uncertainty
         and logits.dtype in (torch.float32, torch.float64)
-        and _use_kernel(logits.device.type, logits)
+        and _use_kernel(logits.device.type)  # the selection has no gradient in either path: logits may need one
     ):
         # The compiled selection: same candidates, same kept set (up to ties), in candidate order, in O(P') per mask.
         coords = torch.ops.mpseg._select_uncertain_points(logits[:, 0], coords, num_uncertain)
