@@ -46,13 +46,12 @@ struct Bilinear {
   T lx, ly;  // fractional parts: x - x0, y - y0
 };
 
-// Sets up the sample at normalised location (loc_x, loc_y) on a height x width map. Returns false when no corner lies
-// inside the map, which includes NaN and +-inf locations: the comparisons run on the floating-point value BEFORE any
-// conversion to an integer (converting a NaN or a huge float to int64 is undefined behaviour).
+// Sets up the sample at pixel coordinates (x, y) (pixel centres at integers) on a height x width map. Returns false
+// when no corner lies inside the map, which includes NaN and +-inf coordinates: the comparisons run on the
+// floating-point value BEFORE any conversion to an integer (converting a NaN or a huge float to int64 is undefined
+// behaviour). Shared with the point kernels of the mask losses (point_sampling/sampling.h).
 template <typename T>
-MPSEG_HOST_DEVICE inline bool bilinear_setup(T loc_x, T loc_y, int64_t height, int64_t width, Bilinear<T>& s) {
-  const T x = loc_x * static_cast<T>(width) - static_cast<T>(0.5);
-  const T y = loc_y * static_cast<T>(height) - static_cast<T>(0.5);
+MPSEG_HOST_DEVICE inline bool bilinear_setup_pixel(T x, T y, int64_t height, int64_t width, Bilinear<T>& s) {
   // Some corner is inside iff floor(x) in [-1, W-1] and floor(y) in [-1, H-1]. Written so that NaN fails.
   if (!(x >= static_cast<T>(-1) && x < static_cast<T>(width) && y >= static_cast<T>(-1) &&
         y < static_cast<T>(height))) {
@@ -87,6 +86,13 @@ MPSEG_HOST_DEVICE inline bool bilinear_setup(T loc_x, T loc_y, int64_t height, i
   s.weight[2] = s.valid[2] ? s.ly * hx : static_cast<T>(0);
   s.weight[3] = s.valid[3] ? s.ly * s.lx : static_cast<T>(0);
   return true;
+}
+
+// The same at normalised location (loc_x, loc_y): pixel coordinate loc * size - 0.5.
+template <typename T>
+MPSEG_HOST_DEVICE inline bool bilinear_setup(T loc_x, T loc_y, int64_t height, int64_t width, Bilinear<T>& s) {
+  return bilinear_setup_pixel(loc_x * static_cast<T>(width) - static_cast<T>(0.5),
+                              loc_y * static_cast<T>(height) - static_cast<T>(0.5), height, width, s);
 }
 
 // Gradients of one sample's contribution `attention * sum_c weight_c * value_c` to the output, given

@@ -12,68 +12,17 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ms_deform_attn/sampling.h"  // MPSEG_HOST_DEVICE, msda::floor_in_range
+#include "ms_deform_attn/sampling.h"  // MPSEG_HOST_DEVICE, msda::Bilinear, msda::bilinear_setup_pixel
 
 namespace mpseg {
 namespace points {
 
-// Bilinear weights and flat indices of the four corners of one point on a canvas_h x canvas_w canvas whose top-left
-// height x width block holds the map (the rest reads zero). Corners outside the map get weight 0 and index 0.
-template <typename T>
-struct Corners {
-  int64_t index[4];  // (y0, x0), (y0, x1), (y1, x0), (y1, x1): y * width + x
-  T weight[4];
-};
-
+// The pixel coordinate of normalised coordinate c on a canvas of canvas_size pixels (the formula at the top).
 template <typename T>
 MPSEG_HOST_DEVICE inline T unnormalise(T c, int64_t canvas_size) {
   return ((static_cast<T>(2) * c - static_cast<T>(1)) + static_cast<T>(1)) *
              (static_cast<T>(canvas_size) / static_cast<T>(2)) -
          static_cast<T>(0.5);
-}
-
-// Returns false (all weights 0) when no corner lies inside the map, NaN and infinite coordinates included: the range
-// test runs on the floating-point value before any conversion to an integer.
-template <typename T>
-MPSEG_HOST_DEVICE inline bool corners(T cx, T cy, int64_t height, int64_t width, int64_t canvas_h, int64_t canvas_w,
-                                      Corners<T>& out) {
-  for (int i = 0; i < 4; ++i) {
-    out.index[i] = 0;
-    out.weight[i] = static_cast<T>(0);
-  }
-  const T x = unnormalise(cx, canvas_w);
-  const T y = unnormalise(cy, canvas_h);
-  if (!(x >= static_cast<T>(-1) && x < static_cast<T>(width) && y >= static_cast<T>(-1) &&
-        y < static_cast<T>(height))) {
-    return false;
-  }
-  const int64_t x0 = msda::floor_in_range(x);
-  const int64_t y0 = msda::floor_in_range(y);
-  const T lx = x - static_cast<T>(x0);
-  const T ly = y - static_cast<T>(y0);
-  const T hx = static_cast<T>(1) - lx;
-  const T hy = static_cast<T>(1) - ly;
-  const bool x0_in = x0 >= 0 && x0 < width;
-  const bool x1_in = x0 + 1 >= 0 && x0 + 1 < width;
-  const bool y0_in = y0 >= 0 && y0 < height;
-  const bool y1_in = y0 + 1 >= 0 && y0 + 1 < height;
-  if (y0_in && x0_in) {
-    out.index[0] = y0 * width + x0;
-    out.weight[0] = hx * hy;
-  }
-  if (y0_in && x1_in) {
-    out.index[1] = y0 * width + x0 + 1;
-    out.weight[1] = lx * hy;
-  }
-  if (y1_in && x0_in) {
-    out.index[2] = (y0 + 1) * width + x0;
-    out.weight[2] = hx * ly;
-  }
-  if (y1_in && x1_in) {
-    out.index[3] = (y0 + 1) * width + x0 + 1;
-    out.weight[3] = lx * ly;
-  }
-  return true;
 }
 
 // The bilinear value of map[height x width] (row-major; bool, integer or floating point) at one point, summed corner by
@@ -105,10 +54,13 @@ MPSEG_HOST_DEVICE inline T bilinear(const map_t* map, T cx, T cy, int64_t height
       return total;
     }
   }
-  Corners<T> c;
-  if (!corners(cx, cy, height, width, canvas_h, canvas_w, c)) return static_cast<T>(0);
+  // Near the border (or off the map): the corner logic of multi-scale deformable attention, on this pixel coordinate.
+  msda::Bilinear<T> s;
+  if (!msda::bilinear_setup_pixel(x, y, height, width, s)) return static_cast<T>(0);
   T total = static_cast<T>(0);
-  for (int i = 0; i < 4; ++i) total += static_cast<T>(map[c.index[i]]) * c.weight[i];
+  for (int i = 0; i < 4; ++i) {
+    if (s.valid[i]) total += static_cast<T>(map[s.index[i]]) * s.weight[i];
+  }
   return total;
 }
 
