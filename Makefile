@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml mpseg/_build_config.py
 
-.PHONY: setup demo test test-sanitize bench docs doctest dist smoke-wheel clean
+.PHONY: setup demo test test-sanitize bench gpu-check docs doctest dist smoke-wheel clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,12 @@ test-sanitize: setup
 
 bench: setup
 	$(PY) benchmarks/bench_ms_deform_attn.py
+
+# On a machine with an NVIDIA GPU: builds with CUDA for that GPU, runs the tests on the GPU, benchmarks the
+# ms_deform_attn backends and an MP-Former training step, and writes build/gpu-check/report.md (under 8 minutes).
+# Without a GPU it stops at once with "no CUDA GPU found". No dependency on setup: the script checks the GPU first.
+gpu-check:
+	.ci/gpu_check.sh $(PY)
 
 # Docs tools: the `docs` extra of pyproject.toml, installed on its own (reinstalling mpseg would recompile the kernels).
 $(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml

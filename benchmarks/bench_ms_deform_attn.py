@@ -14,7 +14,8 @@ same run. Peak memory of the forward: the peak of the running sum of the CPU all
 ``torch.profiler`` (``profile_memory=True``) records during one call (each op's net allocation counted at its start),
 inputs excluded, output included: the kernel needs no memory beyond its output when the two columns agree.
 
-Usage: ``python benchmarks/bench_ms_deform_attn.py [--quick] [--threads 2] [--dtype float32]``.
+Usage: ``python benchmarks/bench_ms_deform_attn.py [--quick] [--threads 2] [--dtype float32]``;
+``--device cuda [--report PATH]`` writes the GPU report of ``bench_gpu_report.py`` instead (``make gpu-check``).
 """
 
 from __future__ import annotations
@@ -106,7 +107,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     parser.add_argument("--max-time", type=float, default=None, help="seconds per measurement (default 3, quick 0.5)")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the GPU report of bench_gpu_report.py (its options follow: --report, --smoke, ...)")
+    args, rest = parser.parse_known_args()
+    if args.device == "cuda":
+        from bench_gpu_report import main as gpu_report
+
+        gpu_report(["--device", "cuda", *rest])
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     max_time = args.max_time or (0.5 if args.quick else 3.0)

@@ -7,6 +7,7 @@ criterion) -> ``inference`` / ``diagnostics``. Everything public is re-exported 
 
 from .ops import (
     available_backends,
+    level_metadata,
     ms_deform_attn,
     ms_deform_attn_reference,
     point_sample,
@@ -34,6 +35,7 @@ __all__ = [
     # ops
     "available_backends",
     "use_backend",
+    "level_metadata",
     "ms_deform_attn",
     "ms_deform_attn_reference",
     "point_sample",

@@ -14,6 +14,9 @@ import mpseg
 from mpseg import HungarianMatcher, SetCriterion
 from mpseg.ops.point_sampling import point_sample
 
+# Every test runs on the CPU and, where a GPU is present, on CUDA (the device fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("device")
+
 # The submodule, not the function that mpseg.ops re-exports under the same name.
 point_sample_module = importlib.import_module("mpseg.ops.point_sampling")
 matcher_module = importlib.import_module("mpseg.training.matcher")
@@ -27,7 +30,7 @@ def fixed_points(monkeypatch):
     are deterministic functions of the data and can be recomputed by hand."""
 
     def fixed(num_sets, num_points, *, device=None, generator=None):
-        base = torch.rand(1, num_points, 2, generator=torch.Generator().manual_seed(1000 + num_points))
+        base = torch.rand(1, num_points, 2, generator=torch.Generator(torch.get_default_device()).manual_seed(1000 + num_points))
         return base.expand(num_sets, -1, -1).clone().to(device)
 
     monkeypatch.setattr(point_sample_module, "uniform_points", fixed)
@@ -83,7 +86,7 @@ def assert_losses(actual, expected, suffix=""):
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_transformers_values_and_gradients(seed):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     final = prediction(g, 3, 10, requires_grad=True)
     aux = [prediction(g, 3, 10, requires_grad=True) for _ in range(2)]
     targets = make_targets(g, (3, 0, 6))
@@ -114,7 +117,7 @@ def test_matches_transformers_values_and_gradients(seed):
 
 
 def test_losses_by_hand_and_default_weights(fixed_points):
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
     final = prediction(g, 2, 6)
     aux = [prediction(g, 2, 6)]
     targets = make_targets(g, (2, 3))
@@ -161,7 +164,7 @@ def pilot_batch(g, counts, num_groups, layers=2):
 
 @pytest.mark.parametrize("give_num_groups", [True, False])
 def test_pilot_losses_by_hand(fixed_points, give_num_groups):
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator(torch.get_default_device()).manual_seed(4)
     targets = make_targets(g, (2, 1))
     outputs = {**prediction(g, 2, 6), "aux_outputs": [prediction(g, 2, 6) for _ in range(2)]}
     pilot = pilot_batch(g, (2, 1), num_groups=2)
@@ -190,7 +193,7 @@ def test_pilot_losses_by_hand(fixed_points, give_num_groups):
 
 
 def test_pilot_with_fewer_layers_and_no_objects(fixed_points):
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator(torch.get_default_device()).manual_seed(5)
     targets = make_targets(g, (0, 0))
     outputs = {**prediction(g, 2, 4), "aux_outputs": [prediction(g, 2, 4) for _ in range(3)]}
     pilot = {**prediction(g, 2, 2, requires_grad=True), "target_index": torch.full((2, 2), -1, dtype=torch.int64)}
@@ -207,7 +210,7 @@ def test_pilot_with_fewer_layers_and_no_objects(fixed_points):
 
 
 def test_pilot_input_errors():
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator(torch.get_default_device()).manual_seed(6)
     targets = make_targets(g, (1, 2))
     outputs = prediction(g, 2, 4)
     criterion = SetCriterion(K, HungarianMatcher(num_points=16), num_points=16)
@@ -223,7 +226,7 @@ def test_pilot_input_errors():
 
 # ---------------------------------------------------------------------------------------------------------------------
 def test_images_without_targets_and_all_empty_batch():
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator(torch.get_default_device()).manual_seed(7)
     criterion = SetCriterion(K, HungarianMatcher(num_points=32), num_points=32)
     final = prediction(g, 3, 5, requires_grad=True)
     losses = criterion(final, make_targets(g, (0, 2, 0)))
@@ -242,7 +245,7 @@ def test_images_without_targets_and_all_empty_batch():
 
 
 def test_more_targets_than_queries(fixed_points):
-    g = torch.Generator().manual_seed(8)
+    g = torch.Generator(torch.get_default_device()).manual_seed(8)
     final = prediction(g, 1, 2)
     targets = make_targets(g, (4,))
     matcher = HungarianMatcher(num_points=32)
@@ -254,17 +257,17 @@ def test_more_targets_than_queries(fixed_points):
 
 
 def test_nonfinite_predictions():
-    g = torch.Generator().manual_seed(9)
+    g = torch.Generator(torch.get_default_device()).manual_seed(9)
     criterion = SetCriterion(K, HungarianMatcher(num_points=64), num_points=64)
     final = prediction(g, 2, 6)
     targets = make_targets(g, (2, 1))
     # NaN mask logits in one query: it is matched around and the losses stay finite.
     final["pred_masks"][0, 3] = float("nan")
-    losses = criterion(final, targets, generator=torch.Generator().manual_seed(0))
+    losses = criterion(final, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
     assert all(math.isfinite(v.item()) for v in losses.values())
     # NaN class logits show in loss_ce (every query enters the class loss), so the step is visibly bad.
     final["pred_logits"][1, 0] = float("nan")
-    losses = criterion(final, targets, generator=torch.Generator().manual_seed(0))
+    losses = criterion(final, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
     assert math.isnan(losses["loss_ce"].item()) and math.isnan(losses["loss"].item())
     strict = SetCriterion(K, HungarianMatcher(num_points=64, nonfinite="raise"), num_points=64)
     with pytest.raises(ValueError, match=r"image 0 is NaN or inf for prediction\(s\) \[3\]"):
@@ -272,20 +275,20 @@ def test_nonfinite_predictions():
 
 
 def test_autocast_generator_and_dtypes():
-    g = torch.Generator().manual_seed(10)
+    g = torch.Generator(torch.get_default_device()).manual_seed(10)
     criterion = SetCriterion(K, HungarianMatcher(num_points=64), num_points=64)
     final = prediction(g, 2, 6)
     targets = make_targets(g, (3, 1))
     targets[1]["masks"] = targets[1]["masks"].float()
     state = torch.get_rng_state()
-    plain = criterion(final, targets, generator=torch.Generator().manual_seed(1))
-    again = criterion(final, targets, generator=torch.Generator().manual_seed(1))
+    plain = criterion(final, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(1))
+    again = criterion(final, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(1))
     assert torch.equal(state, torch.get_rng_state())
     for key in plain:
         assert torch.equal(plain[key], again[key])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast = criterion(final, targets, generator=torch.Generator().manual_seed(1))
-    half = criterion({k: v.bfloat16() for k, v in final.items()}, targets, generator=torch.Generator().manual_seed(1))
+    with torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16):
+        autocast = criterion(final, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(1))
+    half = criterion({k: v.bfloat16() for k, v in final.items()}, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(1))
     for key in plain:
         assert autocast[key].dtype == torch.float32 and half[key].dtype == torch.float32
         torch.testing.assert_close(autocast[key], plain[key])
@@ -293,7 +296,7 @@ def test_autocast_generator_and_dtypes():
 
 
 def test_constructor_and_input_errors():
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator(torch.get_default_device()).manual_seed(11)
     assert mpseg.SetCriterion is SetCriterion
     criterion = SetCriterion(K, HungarianMatcher(num_points=16), num_points=16)
     assert criterion.empty_weight.tolist() == pytest.approx([1.0] * K + [0.1])
@@ -318,7 +321,7 @@ def test_loss_functions_and_pairwise_costs_by_hand():
         dice_loss, pairwise_dice_cost, pairwise_mask_costs, pairwise_sigmoid_ce_cost, sigmoid_ce_loss,
     )
 
-    g = torch.Generator().manual_seed(12)
+    g = torch.Generator(torch.get_default_device()).manual_seed(12)
     # Extreme logits included: the softplus identity must hold where sigmoid saturates.
     logits = torch.cat([torch.randn(3, 50, generator=g) * 4, torch.tensor([[-120.0, 95.0, 0.0, 30.0, -30.0] * 10])])
     targets = torch.rand(5, 50, generator=g).round()

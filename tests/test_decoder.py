@@ -8,6 +8,9 @@ import torch.nn.functional as F
 
 from mpseg.layers.decoder import MaskedAttentionDecoder
 
+# Every test runs on the CPU and, where a GPU is present, on CUDA (the device fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("device")
+
 C, K, Q, HEADS, LAYERS = 32, 4, 6, 4, 5
 SIZES = [(3, 2), (6, 4), (12, 8)]
 MASK_SIZE = (24, 16)
@@ -22,7 +25,7 @@ def _decoder(**kwargs):
 
 
 def _inputs(batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     feats = [torch.randn(batch, C, h, w, generator=g) for h, w in SIZES]
     return feats, torch.randn(batch, C, *MASK_SIZE, generator=g)
 
@@ -45,7 +48,7 @@ class FakePilot:
         self.gt_masks = gt_masks  # [B, Np, H, W] bool
         self.separate = separate
         self.per_head = per_head
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(torch.get_default_device()).manual_seed(seed)
         self.calls = []
 
     @property
@@ -75,7 +78,7 @@ class FakePilot:
 
 
 def _pilot(batch=2, groups=2, per_group=3, seed=1, **kwargs):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     n = groups * per_group
     queries = torch.randn(batch, n, C, generator=g)
     gt = torch.rand(batch, per_group, *MASK_SIZE, generator=g) < 0.3
@@ -180,7 +183,7 @@ def test_gradients_and_autocast():
     dec.eval()
     with torch.no_grad():
         ref = dec(*_inputs())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16):
             low = dec(*_inputs())
     assert low["pred_logits"].dtype == torch.bfloat16
     assert torch.isfinite(low["pred_logits"].float()).all()
@@ -270,7 +273,7 @@ def test_pilot_cross_attention_follows_the_pilot_masks_and_has_no_query_pos():
     dec = _decoder()
     gt = torch.zeros(2, 3, *MASK_SIZE, dtype=torch.bool)
     gt[:, :, :8] = True  # objects in the top third: the top row of the 3x2 level
-    pilot = FakePilot(torch.randn(2, 3, C, generator=torch.Generator().manual_seed(5)), gt)
+    pilot = FakePilot(torch.randn(2, 3, C, generator=torch.Generator(torch.get_default_device()).manual_seed(5)), gt)
     captured = []
     dec.transformer_cross_attention_layers[0].register_forward_hook(lambda m, a, out: captured.append(out[:, :3]))
     feats, mask_features = _inputs()

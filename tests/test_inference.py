@@ -7,6 +7,9 @@ import torch.nn.functional as F
 
 from mpseg.inference import instance_inference, panoptic_inference, resize_mask_logits, semantic_inference
 
+# Every test runs on the CPU and, where a GPU is present, on CUDA (the device fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("device")
+
 BIG = 8.0
 
 

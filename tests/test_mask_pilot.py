@@ -13,6 +13,9 @@ import torch
 
 from mpseg.layers.mask_pilot import MaskPilot, MaskPilotNoiser
 
+# Every test runs on the CPU and, where a GPU is present, on CUDA (the device fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("device")
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -78,7 +81,7 @@ def test_point_noise_flip_rate_matches_formula():
     masks = torch.zeros(1, 64, 64, dtype=torch.bool)
     masks[0, 8:32, 16:48] = True
     noiser = MaskPilotNoiser(2, 4, point_noise=0.5, label_noise=0.0, num_groups=64)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(1)
     pilot = noiser([_target([1], masks)], generator=gen)
     clean_blocked = ~pilot.foreground((16, 16))[0, 0]
     assert int((~clean_blocked).sum()) == 48
@@ -122,7 +125,7 @@ def test_label_noise_rate_and_true_labels_kept():
     labels = torch.arange(100) % num_classes
     masks = torch.ones(100, 2, 2, dtype=torch.bool)
     noiser = MaskPilotNoiser(num_classes, 8, label_noise=ratio, num_groups=20)
-    pilot = noiser([_target(labels.tolist(), masks)], generator=torch.Generator().manual_seed(3))
+    pilot = noiser([_target(labels.tolist(), masks)], generator=torch.Generator(torch.get_default_device()).manual_seed(3))
     assert torch.equal(pilot.labels[0], labels.repeat(20))
     changed = (pilot.noised_labels != pilot.labels).float().mean().item()
     # A swapped label is drawn from all K classes (official behaviour), so it changes with probability r (K-1)/K.
@@ -155,7 +158,7 @@ def test_padding_slots_and_groups():
     assert torch.equal(blocked[:, :, :3], blocked[:, :, 3:])
     assert torch.equal(~blocked[0, 0, 2].view(4, 4), _area_reference(m[2], 4, 4))
     # With noise, groups are drawn independently.
-    noisy = MaskPilotNoiser(3, 6, point_noise=1.0, num_groups=2)(targets, torch.Generator().manual_seed(0))
+    noisy = MaskPilotNoiser(3, 6, point_noise=1.0, num_groups=2)(targets, torch.Generator(torch.get_default_device()).manual_seed(0))
     cam = noisy.cross_attn_mask(0, (8, 8), 8)
     assert not torch.equal(cam[0, 0, :3], cam[0, 0, 3:])
 
@@ -203,7 +206,7 @@ def test_same_seed_same_noise_and_gradient_reaches_label_enc():
     noiser = MaskPilotNoiser(4, 8, point_noise=0.5, label_noise=0.5, num_groups=2)
 
     def draw(seed):
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(torch.get_default_device()).manual_seed(seed)
         pilot = noiser(targets, generator=gen)
         return pilot.noised_labels, [pilot.cross_attn_mask(i, (8, 8), 8) for i in range(3)]
 
@@ -219,7 +222,7 @@ def test_same_seed_same_noise_and_gradient_reaches_label_enc():
     torch.manual_seed(5)
     assert torch.equal(a, noiser(targets).cross_attn_mask(0, (8, 8), 8))
 
-    pilot = noiser(targets, generator=torch.Generator().manual_seed(0))
+    pilot = noiser(targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
     (pilot.pilot_queries * torch.randn_like(pilot.pilot_queries)).sum().backward()
     grad = noiser.label_enc.weight.grad
     used = set(pilot.noised_labels[pilot.valid].tolist())
@@ -258,6 +261,7 @@ def test_dtypes_and_mask_formats():
         assert (~pilot.cross_attn_mask(0, (2, 2), 8)[0, 0, 0]).tolist() == [True, True, False, False]
 
 
+@pytest.mark.cpu_only  # on a GPU: a device-side assertion, which ends the CUDA context
 def test_bad_inputs_raise_clear_errors():
     m = torch.ones(2, 4, 4, dtype=torch.bool)
     noiser = MaskPilotNoiser(3, 4)

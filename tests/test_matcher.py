@@ -12,9 +12,12 @@ import mpseg
 from mpseg import HungarianMatcher
 from mpseg.ops.point_sampling import point_sample
 
+# Every test runs on the CPU and, where a GPU is present, on CUDA (the device fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("device")
+
 
 def make_batch(seed, counts, num_queries=12, num_classes=6, pred_size=(16, 16), target_size=(48, 40)):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     batch = len(counts)
     outputs = {
         "pred_logits": torch.randn(batch, num_queries, num_classes + 1, generator=g) * 2,
@@ -101,8 +104,8 @@ def test_matches_transformers(monkeypatch, seed):
 def test_cost_weights_against_loop_formula():
     outputs, targets = make_batch(5, counts=(2, 4), num_queries=5)
     matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=3.0, num_points=64)
-    costs = matcher.cost_matrices(outputs, targets, generator=torch.Generator().manual_seed(7))
-    replay = torch.Generator().manual_seed(7)
+    costs = matcher.cost_matrices(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(7))
+    replay = torch.Generator(torch.get_default_device()).manual_seed(7)
     points = [torch.rand(1, 64, 2, generator=replay)[0] for _ in targets]  # one set per image, in order
     expected = loop_costs(outputs, targets, points, 2.0, 5.0, 3.0)
     for cost, ref in zip(costs, expected):
@@ -114,8 +117,8 @@ def test_cost_weights_against_loop_formula():
 def test_assignment_is_optimal_including_more_targets_than_queries(counts, num_queries):
     outputs, targets = make_batch(9, counts=counts, num_queries=num_queries)
     matcher = HungarianMatcher(num_points=50)
-    cost = matcher.cost_matrices(outputs, targets, generator=torch.Generator().manual_seed(0))[0]
-    pred_index, target_index = matcher(outputs, targets, generator=torch.Generator().manual_seed(0))[0]
+    cost = matcher.cost_matrices(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))[0]
+    pred_index, target_index = matcher(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))[0]
     pairs = min(num_queries, counts[0])
     # More targets than queries: min(Q, T) pairs, every query used once, the surplus targets unmatched.
     assert len(pred_index) == len(target_index) == pairs
@@ -127,7 +130,7 @@ def test_assignment_is_optimal_including_more_targets_than_queries(counts, num_q
 
 def test_images_without_targets_give_empty_indices():
     outputs, targets = make_batch(3, counts=(0, 2, 0))
-    indices = HungarianMatcher(num_points=32)(outputs, targets, generator=torch.Generator().manual_seed(0))
+    indices = HungarianMatcher(num_points=32)(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
     for (pred_index, target_index), count in zip(indices, (0, 2, 0)):
         assert pred_index.dtype == target_index.dtype == torch.int64
         assert pred_index.shape == target_index.shape == (count,)
@@ -137,18 +140,18 @@ def test_images_without_targets_give_empty_indices():
 
 def test_nonfinite_predictions_replace_and_raise():
     outputs, targets = make_batch(4, counts=(2, 3), num_queries=6)
-    clean_indices = HungarianMatcher(num_points=64)(outputs, targets, generator=torch.Generator().manual_seed(1))
+    clean_indices = HungarianMatcher(num_points=64)(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(1))
     # Make the prediction that image 1 matched first non-finite (NaN mask logits); image 0 gets an inf class logit.
     bad_query = int(clean_indices[1][0][0])
     outputs["pred_masks"][1, bad_query] = float("nan")
     outputs["pred_logits"][0, 4, 0] = float("inf")
-    replaced = HungarianMatcher(num_points=64)(outputs, targets, generator=torch.Generator().manual_seed(1))
+    replaced = HungarianMatcher(num_points=64)(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(1))
     assert bad_query not in replaced[1][0].tolist()
     assert 4 not in replaced[0][0].tolist()
     assert len(replaced[1][0]) == 3
     # The remaining queries are matched exactly as the clean costs without the bad rows would match them.
     clean_costs = HungarianMatcher(num_points=64).cost_matrices(
-        make_batch(4, counts=(2, 3), num_queries=6)[0], targets, generator=torch.Generator().manual_seed(1)
+        make_batch(4, counts=(2, 3), num_queries=6)[0], targets, generator=torch.Generator(torch.get_default_device()).manual_seed(1)
     )
     for image, bad in ((0, 4), (1, bad_query)):
         keep = [q for q in range(6) if q != bad]
@@ -157,7 +160,7 @@ def test_nonfinite_predictions_replace_and_raise():
 
     strict = HungarianMatcher(num_points=64, nonfinite="raise")
     with pytest.raises(ValueError, match=r"image 0 is NaN or inf for prediction\(s\) \[4\]"):
-        strict(outputs, targets, generator=torch.Generator().manual_seed(1))
+        strict(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(1))
 
 
 def test_unavoidable_nonfinite_cost_still_gives_a_full_assignment():
@@ -170,14 +173,14 @@ def test_unavoidable_nonfinite_cost_still_gives_a_full_assignment():
 def test_costs_in_float32_under_autocast_and_for_half_inputs():
     outputs, targets = make_batch(7, counts=(3, 2))
     matcher = HungarianMatcher(num_points=128)
-    reference = matcher.cost_matrices(outputs, targets, generator=torch.Generator().manual_seed(2))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = matcher.cost_matrices(outputs, targets, generator=torch.Generator().manual_seed(2))
+    reference = matcher.cost_matrices(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(2))
+    with torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16):
+        under_autocast = matcher.cost_matrices(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(2))
     for a, b in zip(under_autocast, reference):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b)
     half = {k: v.bfloat16() for k, v in outputs.items()}
-    half_costs = matcher.cost_matrices(half, targets, generator=torch.Generator().manual_seed(2))
+    half_costs = matcher.cost_matrices(half, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(2))
     for a, b in zip(half_costs, reference):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)
@@ -192,7 +195,7 @@ def test_mask_dtypes_and_sizes_agree():
     padded = [dict(targets[0]), {"labels": targets[1]["labels"], "masks": torch.zeros(3, 40, 40, dtype=torch.bool)}]
     padded[1]["masks"][:, :30, :25] = smaller[1]["masks"]
     runs = [
-        HungarianMatcher(num_points=200).cost_matrices(outputs, t, generator=torch.Generator().manual_seed(3))
+        HungarianMatcher(num_points=200).cost_matrices(outputs, t, generator=torch.Generator(torch.get_default_device()).manual_seed(3))
         for t in (targets, as_uint8, as_float, smaller, padded)
     ]
     for other in runs[1:3]:
@@ -206,8 +209,8 @@ def test_generator_reproduces_and_leaves_global_rng_alone():
     outputs, targets = make_batch(10, counts=(4, 2))
     matcher = HungarianMatcher(num_points=100)
     state = torch.get_rng_state()
-    first = matcher.cost_matrices(outputs, targets, generator=torch.Generator().manual_seed(0))
-    second = matcher.cost_matrices(outputs, targets, generator=torch.Generator().manual_seed(0))
+    first = matcher.cost_matrices(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
+    second = matcher.cost_matrices(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
     assert torch.equal(state, torch.get_rng_state())
     for a, b in zip(first, second):
         assert torch.equal(a, b)

@@ -13,6 +13,9 @@ import torch
 
 from mpseg import HungarianMatcher, MaskedAttentionDecoder, MaskPilot, MaskPilotNoiser, SetCriterion, layer_consistency
 
+# Every test runs on the CPU and, where a GPU is present, on CUDA (the device fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("device")
+
 K = 4  # classes
 
 
@@ -23,13 +26,13 @@ def _decoder(nheads=8, hidden=32, dec_layers=3, seed=0):
 
 
 def _inputs(hidden=32, batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     feats = [torch.randn(batch, hidden, s, s, generator=g) for s in (4, 8, 16)]
     return feats, torch.randn(batch, hidden, 32, 32, generator=g)
 
 
 def _targets(seed=2, counts=(3, 1), size=64):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     out = []
     for n in counts:
         masks = torch.zeros(n, size, size)
@@ -69,9 +72,9 @@ def test_matching_outputs_do_not_see_pilots(nheads, hidden):
     feats, mask_features = _inputs(hidden)
     targets = _targets()
     noiser = MaskPilotNoiser(K, hidden, num_groups=2, per_head_noise=True)
-    pilot_a = noiser(targets, generator=torch.Generator().manual_seed(0))
+    pilot_a = noiser(targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
     # Different content and different masks (other targets, same counts so Np is equal).
-    pilot_b = noiser(_targets(seed=9), generator=torch.Generator().manual_seed(1))
+    pilot_b = noiser(_targets(seed=9), generator=torch.Generator(torch.get_default_device()).manual_seed(1))
     with torch.no_grad():
         plain = _main_outputs(decoder(feats, mask_features))
         out_a = decoder(feats, mask_features, pilot=pilot_a)
@@ -91,7 +94,7 @@ def test_matching_outputs_do_not_see_pilots(nheads, hidden):
 def test_control_without_separation_leaks():
     decoder = _decoder()
     feats, mask_features = _inputs()
-    pilot = MaskPilotNoiser(K, 32)(_targets(), generator=torch.Generator().manual_seed(0))
+    pilot = MaskPilotNoiser(K, 32)(_targets(), generator=torch.Generator(torch.get_default_device()).manual_seed(0))
     leaky_a = _with_queries(pilot, pilot.pilot_queries.detach(), _LeakyPilot)
     leaky_b = _with_queries(pilot, pilot.pilot_queries.detach() + 1.0, _LeakyPilot)
     sealed_b = _with_queries(pilot, pilot.pilot_queries.detach() + 1.0)
@@ -113,7 +116,7 @@ def test_gradient_reaches_label_enc_only_through_pilot_losses():
     targets = _targets()
     noiser = MaskPilotNoiser(K, 32, num_groups=2)
     criterion = SetCriterion(K, HungarianMatcher(num_points=256), num_points=256)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(0)
     pilot = noiser(targets, generator=gen)
     losses = criterion(decoder(feats, mask_features, pilot=pilot), targets, generator=gen)
     mp_keys = [k for k in losses if "_mp" in k]
@@ -179,10 +182,10 @@ def test_same_seed_same_noise_end_to_end():
     criterion = SetCriterion(K, HungarianMatcher(num_points=128), num_points=128)
 
     def run(noise_seed):
-        pilot = noiser(targets, generator=torch.Generator().manual_seed(noise_seed))
+        pilot = noiser(targets, generator=torch.Generator(torch.get_default_device()).manual_seed(noise_seed))
         with torch.no_grad():
             out = decoder(feats, mask_features, pilot=pilot)
-            return criterion(out, targets, generator=torch.Generator().manual_seed(0))
+            return criterion(out, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
 
     a, b, c = run(3), run(3), run(4)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -196,10 +199,10 @@ def test_layer_consistency_with_real_matcher():
     targets = _targets()
     with torch.no_grad():
         out = decoder(feats, mask_features)
-    stats = layer_consistency(out, targets, HungarianMatcher(num_points=256), generator=torch.Generator())
+    stats = layer_consistency(out, targets, HungarianMatcher(num_points=256), generator=torch.Generator(torch.get_default_device()))
     assert len(stats["iou"]) == 3 and stats["num_targets"] == 4
     assert all(0.0 <= v <= 1.0 for v in stats["iou"] + stats["same_query"])
     final = {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]}
     same = layer_consistency(dict(final, aux_outputs=[final]), targets, HungarianMatcher(num_points=256),
-                             generator=torch.Generator().manual_seed(0))
+                             generator=torch.Generator(torch.get_default_device()).manual_seed(0))
     assert same["iou"] == [1.0]

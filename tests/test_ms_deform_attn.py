@@ -22,6 +22,14 @@ from mpseg import _extension
 from mpseg.ops import ms_deform_attn, ms_deform_attn_reference
 from mpseg.ops.ms_deform_attn import use_backend
 
+# Every test runs on the CPU and, where a GPU is present, on CUDA (tests/conftest.py), with the kernel of that device.
+pytestmark = pytest.mark.usefixtures("device")
+
+
+def device_kernel() -> str:
+    """The compiled backend of the test's device ("cpu" or "cuda")."""
+    return torch.get_default_device().type
+
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel_loaded():
@@ -41,16 +49,20 @@ def level_metadata(shapes):
 
 
 def make_inputs(batch, queries, heads, channels, shapes, points, *, dtype=torch.float32, seed=0, spread=0.15):
-    """Random inputs; locations in [-spread, 1 + spread] so that some samples fall (partly) outside the maps."""
+    """Random inputs; locations in [-spread, 1 + spread] so that some samples fall (partly) outside the maps.
+
+    Drawn on the CPU (the same numbers for every device), then moved to the test's device."""
     generator = torch.Generator().manual_seed(seed)
     spatial_shapes, level_start_index, rows = level_metadata(shapes)
     levels = spatial_shapes.shape[0]
-    value = torch.randn(batch, rows, heads, channels, generator=generator, dtype=torch.float64)
-    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=generator, dtype=torch.float64)
+    cpu = dict(generator=generator, dtype=torch.float64, device="cpu")
+    value = torch.randn(batch, rows, heads, channels, **cpu)
+    locations = torch.rand(batch, queries, heads, levels, points, 2, **cpu)
     locations = locations * (1 + 2 * spread) - spread
-    weights = torch.rand(batch, queries, heads, levels, points, generator=generator, dtype=torch.float64)
-    grad_output = torch.randn(batch, queries, heads * channels, generator=generator, dtype=torch.float64)
-    cast = [t.to(dtype) for t in (value, locations, weights, grad_output)]
+    weights = torch.rand(batch, queries, heads, levels, points, **cpu)
+    grad_output = torch.randn(batch, queries, heads * channels, **cpu)
+    device = torch.get_default_device()
+    cast = [t.to(device=device, dtype=dtype) for t in (value, locations, weights, grad_output)]
     return cast[0], spatial_shapes, level_start_index, cast[1], cast[2], cast[3]
 
 
@@ -74,7 +86,8 @@ def reference64(value, spatial_shapes, level_start_index, locations, weights, gr
     return run(ms_deform_attn_reference, args[0], spatial_shapes, level_start_index, args[1], args[2], args[3])
 
 
-def kernel(backend="cpu"):
+def kernel(backend="device"):
+    backend = device_kernel() if backend == "device" else backend
     return lambda *args: ms_deform_attn(*args, backend=backend)
 
 
@@ -134,12 +147,13 @@ def test_hand_computed_value():
     spatial_shapes, level_start_index, _ = level_metadata([(2, 2)])
     locations = torch.tensor([[0.5, 0.5], [0.25, 0.25], [0.0, 0.0], [1.25, 0.5]]).view(1, 4, 1, 1, 1, 2)
     weights = torch.tensor([1.0, 1.0, 1.0, 2.0]).view(1, 4, 1, 1, 1)
-    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend="cpu")
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=device_kernel())
     torch.testing.assert_close(out.view(-1), torch.tensor([2.5, 1.0, 0.25, 0.0]))
     # d out / d x at pixel (0.5, 0.5) = W * (mean of the right column - mean of the left column) = 2 * 1 = 2; d / d y
     # = H * (bottom - top) = 2 * 2 = 4.
     locations.requires_grad_()
-    ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend="cpu")[0, 0].sum().backward()
+    ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
+                   backend=device_kernel())[0, 0].sum().backward()
     torch.testing.assert_close(locations.grad[0, 0, 0, 0, 0], torch.tensor([2.0, 4.0]))
 
 
@@ -150,7 +164,7 @@ def test_gradcheck_float64():
     )
 
     def fn(v, loc, w):
-        return ms_deform_attn(v, spatial_shapes, level_start_index, loc, w, backend="cpu")
+        return ms_deform_attn(v, spatial_shapes, level_start_index, loc, w, backend=device_kernel())
 
     args = [t.clone().requires_grad_() for t in (value, locations, weights)]
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6, fast_mode=False)
@@ -200,6 +214,7 @@ def test_backend_choice_is_a_compile_time_constant():
 
 
 @pytest.mark.sanitize
+@pytest.mark.cpu_only  # the CPU kernel's promise; the CUDA backward accumulates grad_value with atomics
 def test_backward_is_bitwise_deterministic_across_runs_and_threads():
     inputs = make_inputs(2, 64, 4, 24, [(12, 9), (6, 5), (3, 3)], 4, dtype=torch.float32, seed=9, spread=0.0)
     threads = torch.get_num_threads()
@@ -221,7 +236,7 @@ def test_empty_batch_or_queries(batch, queries):
     value, spatial_shapes, level_start_index, locations, weights, grad_output = make_inputs(
         batch, queries, 2, 3, [(3, 4)], 2
     )
-    for backend in ("cpu", "reference"):
+    for backend in (device_kernel(), "reference"):
         out, grad_value, grad_locations, grad_weights = run(
             kernel(backend), value, spatial_shapes, level_start_index, locations, weights, grad_output
         )
@@ -246,24 +261,25 @@ def test_non_finite_and_far_locations_contribute_nothing():
 
 def test_autocast_runs_in_float32():
     value, spatial_shapes, level_start_index, locations, weights, _ = make_inputs(1, 4, 2, 8, [(4, 4)], 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_kernel(), dtype=torch.bfloat16):
         out = ms_deform_attn(value.bfloat16(), spatial_shapes, level_start_index, locations.bfloat16(),
-                             weights.bfloat16(), backend="cpu")
+                             weights.bfloat16(), backend=device_kernel())
     assert out.dtype == torch.float32
     expected = ms_deform_attn(value.bfloat16().float(), spatial_shapes, level_start_index,
-                              locations.bfloat16().float(), weights.bfloat16().float(), backend="cpu")
+                              locations.bfloat16().float(), weights.bfloat16().float(), backend=device_kernel())
     torch.testing.assert_close(out, expected)
 
 
 def test_double_backward_raises():
     value, spatial_shapes, level_start_index, locations, weights, _ = make_inputs(1, 3, 1, 2, [(3, 3)], 1)
     value.requires_grad_()
-    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend="cpu")
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=device_kernel())
     (grad,) = torch.autograd.grad(out.square().sum(), value, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         grad.sum().backward()
 
 
+@pytest.mark.cpu_only  # the automatic choice and the error texts for CPU tensors
 def test_backend_selection_and_errors(monkeypatch):
     inputs = make_inputs(1, 3, 2, 4, [(3, 3)], 2)[:5]
     calls = []
@@ -338,6 +354,7 @@ def _bad_inputs():
 
 
 @pytest.mark.sanitize
+@pytest.mark.cpu_only  # on a GPU the level metadata is checked by a device-side assertion (test_no_sync.py)
 @pytest.mark.parametrize("backend", ["cpu", "reference", None])
 @pytest.mark.parametrize("bad", _bad_inputs(), ids=lambda bad: bad[0])
 def test_bad_input_raises_clear_error(bad, backend):
@@ -363,6 +380,7 @@ def test_bad_input_raises_clear_error(bad, backend):
         (lambda a: a.__setitem__(1, a[1].int()), "must be int64"),
     ],
 )
+@pytest.mark.cpu_only  # the CUDA op skips inconsistent levels on the device instead of reading them on the host
 def test_direct_op_call_checks_inputs(mutate, pattern):
     # torch.ops.mpseg.* bypasses the Python checks: the C++ checks must still refuse anything that could read out of
     # bounds, with a message naming the argument.
@@ -403,7 +421,8 @@ def _problems(draw):
 def test_property_kernel_equals_reference(problem):
     shapes, *arrays = problem
     spatial_shapes, level_start_index, _ = level_metadata(shapes)
-    value, locations, weights, grad_output = (torch.from_numpy(a).double() for a in arrays)
+    value, locations, weights, grad_output = (torch.from_numpy(a).double().to(torch.get_default_device())
+                                              for a in arrays)
     inputs = (value, spatial_shapes, level_start_index, locations, weights, grad_output)
     actual = run(kernel(), *inputs)
     expected = reference64(*inputs)
@@ -422,6 +441,7 @@ def test_property_kernel_equals_reference(problem):
     torch.testing.assert_close(actual[2][~near_kink], expected[2][~near_kink], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.cpu_only  # a CPU timing ratio (gpu-check measures the GPU)
 def test_kernel_faster_than_reference():
     # A loose ratio on a mid-sized problem (never absolute times): the kernel is well over 10x faster in
     # benchmarks/bench_ms_deform_attn.py; here it only has to win at all.
@@ -449,6 +469,6 @@ def test_samples_the_last_row_of_the_last_level():
     value[0, -1] = 3.0
     locations = torch.tensor([[0.5, 0.5], [(69999 + 0.5) / 70000, 0.5]]).view(1, 1, 1, 2, 1, 2)
     weights = torch.ones(1, 1, 1, 2, 1)
-    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend="cpu")
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=device_kernel())
     assert out.item() == pytest.approx(3.0)
     assert math.isfinite(out.item())

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from mpseg import MSDeformAttn
 
+# Every test runs on the CPU and, where a GPU is present, on CUDA (the device fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("device")
+
 
 def level_metadata(shapes):
     spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
@@ -83,7 +86,7 @@ def test_parameter_names_shapes_and_initialisation():
 
 @pytest.mark.parametrize("box", [False, True], ids=["points", "boxes"])
 def test_forward_backward_matches_manual_computation(box):
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(torch.get_default_device()).manual_seed(0)
     shapes = [(6, 7), (3, 4)]
     spatial_shapes, level_start_index, rows = level_metadata(shapes)
     module = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3).double()
@@ -104,7 +107,7 @@ def test_forward_backward_matches_manual_computation(box):
 
 
 def test_padding_mask_removes_padded_positions():
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator(torch.get_default_device()).manual_seed(1)
     spatial_shapes, level_start_index, rows = level_metadata([(5, 5)])
     module = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=4)
     randomise(module, generator)
@@ -123,7 +126,7 @@ def test_padding_mask_removes_padded_positions():
 def test_reference_and_kernel_backends_agree_in_module():
     from mpseg.ops.ms_deform_attn import use_backend
 
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator(torch.get_default_device()).manual_seed(2)
     spatial_shapes, level_start_index, rows = level_metadata([(8, 8), (4, 4), (2, 2)])
     module = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2)
     query = torch.randn(2, 9, 32, generator=generator)

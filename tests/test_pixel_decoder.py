@@ -4,6 +4,9 @@ import torch
 
 from mpseg.layers.pixel_decoder import MSDeformAttnPixelDecoder
 
+# Every test runs on the CPU and, where a GPU is present, on CUDA (the device fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("device")
+
 CHANNELS = [32, 64, 128, 256]
 STRIDES = [4, 8, 16, 32]
 
@@ -20,7 +23,7 @@ def _small(**kwargs):
 def _randomize(module, seed=0):
     # Deformable DETR zero-initialises the offset and attention-weight matrices, which makes the encoder ignore its
     # queries (and hence the position and level embeddings); perturb every parameter so all paths are live.
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
@@ -28,7 +31,7 @@ def _randomize(module, seed=0):
 
 
 def _features(batch=2, height=64, width=32, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     return [torch.randn(batch, c, height // s, width // s, generator=g).to(dtype) for c, s in zip(CHANNELS, STRIDES)]
 
 
@@ -80,7 +83,7 @@ def test_autocast_and_half_inputs_run_in_float32():
     feats = _features()
     with torch.no_grad():
         ref_mask, ref_ms = pd(feats)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16):
             mask, ms = pd(feats)
         assert mask.dtype == torch.float32 and all(f.dtype == torch.float32 for f in ms)
         torch.testing.assert_close(mask, ref_mask, rtol=0, atol=0)

@@ -16,6 +16,9 @@ from mpseg.ops.point_sampling import (
     uniform_points,
 )
 
+# Every test runs on the CPU and, where a GPU is present, on CUDA (the device fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("device")
+
 
 def bilinear_loop(image, x, y):
     """One value of a [H, W] map at normalised (x, y): align_corners=False, zero padding, written out by hand."""
@@ -42,7 +45,7 @@ def test_point_sample_is_exported_and_hand_checked():
 
 
 def test_point_sample_matches_loop_reference_and_grid_form():
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     image = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64)
     coords = torch.rand(2, 11, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2  # some outside the map
     out = point_sample(image, coords)
@@ -56,7 +59,7 @@ def test_point_sample_matches_loop_reference_and_grid_form():
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32])
 def test_sample_masks_at_points_equals_point_sample_on_float(dtype):
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
     masks = torch.rand(4, 37, 23, generator=g)
     masks = (masks > 0.5).to(dtype) if dtype != torch.float32 else masks
     shared = torch.rand(300, 2, generator=g) * 1.2 - 0.1
@@ -76,7 +79,7 @@ def test_sample_masks_at_points_equals_point_sample_on_float(dtype):
 
 
 def test_sample_masks_at_points_canvas_equals_zero_padding():
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(torch.get_default_device()).manual_seed(2)
     masks = torch.rand(3, 20, 30, generator=g) > 0.3
     padded = torch.zeros(3, 32, 40)
     padded[:, :20, :30] = masks.float()
@@ -106,30 +109,30 @@ def test_sample_masks_at_points_empty_and_errors():
 
 
 def test_uniform_points_generator_and_range():
-    a = uniform_points(3, 1000, generator=torch.Generator().manual_seed(5))
-    b = uniform_points(3, 1000, generator=torch.Generator().manual_seed(5))
+    a = uniform_points(3, 1000, generator=torch.Generator(torch.get_default_device()).manual_seed(5))
+    b = uniform_points(3, 1000, generator=torch.Generator(torch.get_default_device()).manual_seed(5))
     assert a.shape == (3, 1000, 2) and a.dtype == torch.float32
     assert torch.equal(a, b)
     assert float(a.min()) >= 0 and float(a.max()) < 1
     with pytest.raises(ValueError, match=r"generator is on cpu but the points are drawn on meta"):
-        uniform_points(2, 10, device="meta", generator=torch.Generator())
+        uniform_points(2, 10, device="meta", generator=torch.Generator(torch.get_default_device()))
     # The generator is the only source: the global RNG is untouched.
     state = torch.get_rng_state()
-    uniform_points(2, 10, generator=torch.Generator().manual_seed(0))
+    uniform_points(2, 10, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
     assert torch.equal(state, torch.get_rng_state())
 
 
 def test_sample_uncertain_points_selects_most_uncertain():
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
     logits = torch.randn(4, 1, 16, 16, generator=g) * 4
     num_points, ratio = 40, 0.75
     coords = sample_uncertain_points(
         logits, num_points, oversample_ratio=3.0, importance_sample_ratio=ratio,
-        generator=torch.Generator().manual_seed(9),
+        generator=torch.Generator(torch.get_default_device()).manual_seed(9),
     )
     assert coords.shape == (4, num_points, 2)
     # Replay the two draws and pick the top uncertain candidates with an independent loop.
-    replay = torch.Generator().manual_seed(9)
+    replay = torch.Generator(torch.get_default_device()).manual_seed(9)
     candidates = torch.rand(4, 120, 2, generator=replay)
     fill = torch.rand(4, num_points - 30, 2, generator=replay)
     for n in range(4):
@@ -142,7 +145,7 @@ def test_sample_uncertain_points_selects_most_uncertain():
 def test_sample_uncertain_points_matches_transformers():
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
-    logits = torch.randn(5, 1, 24, 24, generator=torch.Generator().manual_seed(4))
+    logits = torch.randn(5, 1, 24, 24, generator=torch.Generator(torch.get_default_device()).manual_seed(4))
     torch.manual_seed(11)
     ours = sample_uncertain_points(logits, 100, oversample_ratio=3.0, importance_sample_ratio=0.75)
     torch.manual_seed(11)
@@ -157,9 +160,9 @@ def test_sample_uncertain_points_matches_transformers():
 def test_sample_uncertain_points_empty_and_errors():
     assert sample_uncertain_points(torch.zeros(0, 1, 8, 8), 10).shape == (0, 10, 2)
     only_random = sample_uncertain_points(
-        torch.zeros(2, 1, 8, 8), 10, importance_sample_ratio=0.0, generator=torch.Generator().manual_seed(0)
+        torch.zeros(2, 1, 8, 8), 10, importance_sample_ratio=0.0, generator=torch.Generator(torch.get_default_device()).manual_seed(0)
     )
-    replay = torch.Generator().manual_seed(0)
+    replay = torch.Generator(torch.get_default_device()).manual_seed(0)
     torch.rand(2, 30, 2, generator=replay)
     torch.testing.assert_close(only_random, torch.rand(2, 10, 2, generator=replay))
     with pytest.raises(ValueError, match=r"logits must be a Tensor \[N, 1, H, W\]"):
@@ -190,7 +193,7 @@ def ops():
 @pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
 @pytest.mark.parametrize("coord_dtype", [torch.float32, torch.float64])
 def test_mask_kernel_equals_torch_path(ops, mask_dtype, coord_dtype):
-    g = torch.Generator().manual_seed(20)
+    g = torch.Generator(torch.get_default_device()).manual_seed(20)
     values = torch.rand(5, 19, 27, generator=g)
     masks = (values > 0.5).to(mask_dtype) if not mask_dtype.is_floating_point else values.to(mask_dtype)
     canvas = (24, 31)
@@ -214,6 +217,7 @@ def test_mask_kernel_equals_torch_path(ops, mask_dtype, coord_dtype):
 
 
 @pytest.mark.sanitize
+@pytest.mark.cpu_only  # on a GPU: a device-side assertion, which ends the CUDA context
 def test_mask_kernel_edges_nonfinite_and_bad_index(ops):
     masks = torch.ones(2, 3, 4, dtype=torch.bool)
     coords = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, 0.5], [float("nan"), 0.5], [0.5, float("inf")],
@@ -250,7 +254,7 @@ def _replay_selection(logits, coords, keep):
 @pytest.mark.sanitize
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_select_kernel_keeps_the_topk_set_in_candidate_order(ops, dtype):
-    g = torch.Generator().manual_seed(21)
+    g = torch.Generator(torch.get_default_device()).manual_seed(21)
     logits = (torch.randn(6, 23, 17, generator=g) * 3).to(dtype)
     coords = torch.rand(6, 900, 2, generator=g)
     keep = 225
@@ -272,7 +276,7 @@ def test_select_kernel_keeps_the_topk_set_in_candidate_order(ops, dtype):
 
 @pytest.mark.sanitize
 def test_select_kernel_ties_nan_and_extremes(ops):
-    coords = torch.rand(3, 50, 2, generator=torch.Generator().manual_seed(22))
+    coords = torch.rand(3, 50, 2, generator=torch.Generator(torch.get_default_device()).manual_seed(22))
     # All keys equal: the first k candidates, in order.
     out = ops._select_uncertain_points(torch.zeros(3, 8, 8), coords, 7)
     torch.testing.assert_close(out, coords[:, :7], rtol=0, atol=0)
@@ -307,8 +311,8 @@ def test_select_kernel_ties_nan_and_extremes(ops):
 
 def test_sample_uncertain_points_kernel_and_torch_path_draw_alike(ops, monkeypatch):
     """The kernel consumes the generator exactly as the PyTorch path (and detectron2) does."""
-    logits = torch.randn(4, 1, 30, 30, generator=torch.Generator().manual_seed(23))
-    gen_kernel, gen_torch = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 1, 30, 30, generator=torch.Generator(torch.get_default_device()).manual_seed(23))
+    gen_kernel, gen_torch = torch.Generator(torch.get_default_device()).manual_seed(5), torch.Generator(torch.get_default_device()).manual_seed(5)
     with_kernel = sample_uncertain_points(logits, 200, generator=gen_kernel)
     monkeypatch.setattr(ps, "_kernels_for", lambda device_type: False)
     without = sample_uncertain_points(logits, 200, generator=gen_torch)
@@ -319,7 +323,7 @@ def test_sample_uncertain_points_kernel_and_torch_path_draw_alike(ops, monkeypat
 
 
 def test_point_kernels_opcheck_and_no_gradient(ops, monkeypatch):
-    g = torch.Generator().manual_seed(24)
+    g = torch.Generator(torch.get_default_device()).manual_seed(24)
     masks = torch.rand(3, 9, 11, generator=g) > 0.5
     coords = torch.rand(4, 20, 2, generator=g)
     index = torch.tensor([2, 0, 1, 2])

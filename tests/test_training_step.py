@@ -15,6 +15,9 @@ import torch
 
 from mpseg import HungarianMatcher, MaskedAttentionDecoder, MaskPilotNoiser, MSDeformAttnPixelDecoder, SetCriterion
 
+# Every test runs on the CPU and, where a GPU is present, on CUDA (the device fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("device")
+
 K = 3  # classes
 C = 32  # channels everywhere (GroupNorm needs multiples of 32)
 
@@ -32,12 +35,12 @@ def _blocks(dec_layers=2, seed=0):
 
 
 def _features(seed=1, batch=2, size=64):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     return [torch.randn(batch, C, size // s, size // s, generator=g) for s in (4, 8, 16, 32)]
 
 
 def _targets(seed=2, counts=(2, 1), size=64):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     out = []
     for n in counts:
         masks = torch.zeros(n, size, size, dtype=torch.bool)
@@ -150,6 +153,7 @@ def test_compiled_training_step_equals_eager():
     assert len(graphs) == 1, len(graphs)
 
 
+@pytest.mark.cpu_only  # about a log format, not a device
 def test_graph_break_log_is_understood():
     # The compiled-step test reads graph-break sites from Dynamo's log; make sure it would see one.
     def f(x):
@@ -165,7 +169,7 @@ def test_graph_break_log_is_understood():
 
 def test_matcher_compiles_without_graph_break():
     matcher = HungarianMatcher(num_points=64)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     outputs = {"pred_logits": torch.randn(2, 5, K + 1, generator=g),
                "pred_masks": torch.randn(2, 5, 16, 16, generator=g)}
     targets = _targets(counts=(3, 0), size=32)
@@ -184,6 +188,7 @@ def test_matcher_compiles_without_graph_break():
     assert actual[0][0].numel() == 3 and actual[1][0].numel() == 0
 
 
+@pytest.mark.cpu_only  # the assignment op takes CPU cost matrices
 def test_assignment_op_registration_and_values():
     cost = torch.tensor([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0], [0.5, 9.0, 9.0]])
     torch.library.opcheck(torch.ops.mpseg.linear_sum_assignment, (cost, "replace", 0))
@@ -202,6 +207,7 @@ def test_assignment_op_registration_and_values():
     assert empty_rows.shape == (0,) and empty_cols.dtype == torch.int64
 
 
+@pytest.mark.cpu_only  # about graph breaks around host code (.numpy())
 def test_run_eagerly_is_one_break_with_the_function_uncompiled():
     from mpseg.training._eager import run_eagerly
 
@@ -230,9 +236,10 @@ def test_run_eagerly_is_one_break_with_the_function_uncompiled():
     assert len(graphs) == 2  # before and after the call
 
 
+@pytest.mark.cpu_only  # on a GPU: a device-side assertion, which ends the CUDA context
 def test_pilot_assignment_from_layout_equals_target_index_path():
     targets = _targets(counts=(2, 0, 1))
-    pilot = MaskPilotNoiser(K, C, num_groups=2)(targets, generator=torch.Generator().manual_seed(0))
+    pilot = MaskPilotNoiser(K, C, num_groups=2)(targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))
     criterion = SetCriterion(K, HungarianMatcher(num_points=16), num_points=16)
     batch, num_pilots = pilot.target_index.shape
     general = {"pred_logits": torch.zeros(batch, num_pilots, K + 1), "pred_masks": torch.zeros(batch, num_pilots, 4, 4),
@@ -269,11 +276,11 @@ def _autocast_step(dtype, seed=3):
 
     criterion.matcher.cost_matrices = spy
     torch.manual_seed(seed)
-    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    with torch.autocast(torch.get_default_device().type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         mask_features, multi_scale = pixel_decoder(_features())
         targets = _targets()
         outputs = decoder(multi_scale, mask_features, pilot=noiser(targets))
-        losses = criterion(outputs, targets, generator=torch.Generator().manual_seed(seed))
+        losses = criterion(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(seed))
     losses["loss"].backward()
     seen["pixel_decoder"] = {mask_features.dtype} | {f.dtype for f in multi_scale}
     seen["decoder"] = {outputs["pred_logits"].dtype, outputs["pred_masks"].dtype}
@@ -308,8 +315,8 @@ def test_criterion_computes_in_float32_from_half_outputs():
     # island rather than bf16 arithmetic that happens to return float32.
     *_, outputs, targets, criterion, _ = _autocast_step(torch.bfloat16)
     outputs = {k: v for k, v in outputs.items()}
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        under = criterion(outputs, targets, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad(), torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16):
+        under = criterion(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(11))
 
     def to_float(x):
         if isinstance(x, torch.Tensor):
@@ -321,7 +328,7 @@ def test_criterion_computes_in_float32_from_half_outputs():
         return x
 
     with torch.no_grad():
-        plain = criterion(to_float(outputs), targets, generator=torch.Generator().manual_seed(11))
+        plain = criterion(to_float(outputs), targets, generator=torch.Generator(torch.get_default_device()).manual_seed(11))
     assert under.keys() == plain.keys() and any("_mp" in k for k in plain)
     for key in plain:
         torch.testing.assert_close(under[key], plain[key], rtol=1e-6, atol=1e-6, msg=key)
@@ -331,13 +338,13 @@ def test_grad_scaler_fp16_step_updates_finite_weights():
     pixel_decoder, decoder, noiser, criterion = blocks = _blocks()
     params = _params(*blocks)
     optimizer = torch.optim.SGD(params, lr=0.05)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler = torch.amp.GradScaler(torch.get_default_device().type, init_scale=2.0**10)
     before = [p.detach().clone() for p in params]
     targets = _targets()
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(torch.get_default_device().type, dtype=torch.float16):
         mask_features, multi_scale = pixel_decoder(_features())
-        outputs = decoder(multi_scale, mask_features, pilot=noiser(targets, generator=torch.Generator().manual_seed(0)))
-        loss = criterion(outputs, targets, generator=torch.Generator().manual_seed(0))["loss"] + noiser.dummy_loss()
+        outputs = decoder(multi_scale, mask_features, pilot=noiser(targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0)))
+        loss = criterion(outputs, targets, generator=torch.Generator(torch.get_default_device()).manual_seed(0))["loss"] + noiser.dummy_loss()
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()

@@ -113,5 +113,73 @@ MPSEG_HOST_DEVICE inline void sample_gradients(const Bilinear<T>& s, const T dot
   *grad_loc_y = attention * static_cast<T>(height) * dy;
 }
 
+// ---------------------------------------------------------------------------------------------------------------------
+// How the CUDA backward maps one (b, q, m) task onto a warp of 32 lanes. Host-callable so that the CPU build runs the
+// same decomposition (csrc/ms_deform_attn/warp_emulation.cpp, tests/test_cuda_decomposition.py).
+//
+// The lanes of a warp split into 32 / group groups of `group` lanes; each group takes one sample (l, p) of the task
+// per pass, and lane r of a group takes channels r, r + group, r + 2 * group, ... So for the common D = 32 a warp's
+// 32 atomicAdds into grad_value land on 32 consecutive channels of one row (one coalesced transaction per corner),
+// where one thread per sample put them on 32 different rows. Each lane's partial dot products <grad_output, value>
+// over its channels are summed over the group by an xor butterfly (warp shuffles), after which every lane of the
+// group holds the same four sums and the group's first lane writes the sample's location and weight gradients.
+struct WarpSplit {
+  int group;    // lanes per sample: a power of two in [1, 32]; the smallest >= channels, at most 32
+  int samples;  // samples per warp and pass: 32 / group
+};
+
+constexpr int kWarpLanes = 32;
+
+MPSEG_HOST_DEVICE inline WarpSplit warp_split(int64_t channels) {
+  int group = 1;
+  while (group < kWarpLanes && group < channels) group *= 2;
+  return WarpSplit{group, kWarpLanes / group};
+}
+
+// Whether every element offset of a call fits a signed 32-bit index (cheaper address arithmetic on the GPU). The
+// largest offsets are value's and grad_value's (elements), sampling_locations' (2 per sample) and the output's.
+MPSEG_HOST_DEVICE inline bool fits_int32(int64_t value_elements, int64_t samples, int64_t output_elements) {
+  constexpr int64_t kMax = 2147483647;
+  return value_elements <= kMax && samples <= kMax / 2 && output_elements <= kMax;
+}
+
+// One lane's share of one sample's backward: for each valid corner c, the partial dot product of grad_output and the
+// corner's value row over the lane's channels (first, first + stride, ...), and the matching value gradient
+// attention * weight_c * grad_output[d], handed to add(pointer, amount) (atomicAdd on the GPU, a plain add on the
+// host). `value` and `grad_value` point at channel 0 of the level's first row for this (b, m); rows are row_stride
+// apart. Invalid corners get dot[c] = 0, as sample_gradients expects.
+template <typename index_t, typename opmath_t, typename scalar_t, typename Add>
+MPSEG_HOST_DEVICE inline void lane_corner_partials(const Bilinear<opmath_t>& s, opmath_t attention,
+                                                   const scalar_t* grad_output, const scalar_t* value,
+                                                   opmath_t* grad_value, index_t row_stride, index_t channels,
+                                                   index_t first, index_t stride, opmath_t dot[4], Add add) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int c = 0; c < 4; ++c) {
+    dot[c] = static_cast<opmath_t>(0);
+    if (!s.valid[c]) continue;
+    const index_t row = static_cast<index_t>(s.index[c]) * row_stride;
+    const opmath_t corner_weight = attention * s.weight[c];
+    for (index_t d = first; d < channels; d += stride) {
+      const opmath_t gd = static_cast<opmath_t>(grad_output[d]);
+      dot[c] += gd * static_cast<opmath_t>(value[row + d]);
+      add(grad_value + row + d, corner_weight * gd);
+    }
+  }
+}
+
+// What the CUDA backward's xor butterfly leaves in each of 32 lanes: for offset = group / 2, ..., 1, lane i adds the
+// value of lane i ^ offset (which stays inside its aligned group). The host version of the shuffles, summing in the
+// same order; a + b == b + a in floating point, so all lanes of a group end with identical bits.
+template <typename T>
+inline void butterfly_sum_host(T lanes[kWarpLanes], int group) {
+  for (int offset = group / 2; offset > 0; offset /= 2) {
+    T next[kWarpLanes];
+    for (int i = 0; i < kWarpLanes; ++i) next[i] = lanes[i] + lanes[i ^ offset];
+    for (int i = 0; i < kWarpLanes; ++i) lanes[i] = next[i];
+  }
+}
+
 }  // namespace msda
 }  // namespace mpseg

@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._sync import check_on_device, host_to_device, reads_for_free
+
 __all__ = ["MaskPilot", "MaskPilotNoiser"]
 
 MaskNoise = Union[str, Callable[[Tensor, float, Optional[torch.Generator]], Tensor]]
@@ -375,12 +377,17 @@ class MaskPilotNoiser(nn.Module):
             elif tuple(masks.shape[-2:]) != mask_size:
                 raise ValueError(f"all targets' masks must share (H, W): targets[0] has {mask_size}, "
                                  f"targets[{i}] has {tuple(masks.shape[-2:])}")
-            # A data-dependent check: skipped while torch.compile traces (an out-of-range label still fails in the
+            # A data-dependent check: on the host for CPU labels (free), as a queued device-side assertion for labels
+            # on a GPU (no host sync); skipped while torch.compile traces (an out-of-range label still fails in the
             # embedding lookup).
-            if (not torch.compiler.is_compiling() and labels.numel()
-                    and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes)):
-                raise ValueError(f"targets[{i}]['labels'] must lie in [0, {self.num_classes}), got values in "
-                                 f"[{int(labels.min())}, {int(labels.max())}]")
+            if not torch.compiler.is_compiling() and labels.numel():
+                if reads_for_free(labels):
+                    if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+                        raise ValueError(f"targets[{i}]['labels'] must lie in [0, {self.num_classes}), got values in "
+                                         f"[{int(labels.min())}, {int(labels.max())}]")
+                else:
+                    check_on_device(((labels >= 0) & (labels < self.num_classes)).all(),
+                                    f"targets[{i}]['labels'] must lie in [0, {self.num_classes})")
             counts.append(labels.shape[0])
         max_objects = max(counts)
         if max_objects == 0:
@@ -392,11 +399,12 @@ class MaskPilotNoiser(nn.Module):
         masks = torch.zeros((batch, max_objects, height, width), dtype=torch.float32, device=device)
         for i, (target, count) in enumerate(zip(targets, counts)):
             if count:
-                labels[i, :count] = target["labels"].to(device=device, dtype=torch.long)
-                masks[i, :count] = target["masks"].to(device=device, dtype=torch.float32)
+                labels[i, :count] = host_to_device(target["labels"], device)
+                masks[i, :count] = host_to_device(target["masks"], device)
 
         slot = torch.arange(max_objects, device=device)
-        valid = (slot[None, :] < torch.tensor(counts, device=device)[:, None]).repeat(1, groups)  # [B, G*N]
+        count_tensor = host_to_device(torch.tensor(counts, device="cpu"), device)  # no host sync on a GPU
+        valid = (slot[None, :] < count_tensor[:, None]).repeat(1, groups)  # [B, G*N]
         target_index = torch.where(valid, slot.repeat(groups)[None, :].expand(batch, -1), -1)
         true_labels = labels.repeat(1, groups)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import level_metadata
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import PositionEmbeddingSine
 
@@ -93,8 +94,8 @@ class _DeformableEncoder(nn.Module):
             [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)],
             1,
         )
-        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        # Cached per shape and checked on the host: no host sync per forward (see mpseg.level_metadata).
+        spatial_shapes, level_start_index = level_metadata(shapes, device)
         # Every pixel is valid (no padding mask, as in Mask2Former), so each level's reference point is the pixel
         # centre normalised by the map size; Deformable DETR's valid-ratio scaling is a multiplication by 1.
         centres = []

@@ -2,7 +2,7 @@
 """Functional ops. Nothing here imports a layer."""
 
 from ._reference import ms_deform_attn_reference
-from .ms_deform_attn import available_backends, ms_deform_attn, use_backend
+from .ms_deform_attn import available_backends, level_metadata, ms_deform_attn, use_backend
 from .point_sampling import point_sample, sample_masks_at_points, sample_uncertain_points
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "ms_deform_attn_reference",
     "available_backends",
     "use_backend",
+    "level_metadata",
     "point_sample",
     "sample_uncertain_points",
     "sample_masks_at_points",

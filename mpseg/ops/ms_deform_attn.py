@@ -14,15 +14,19 @@ are registered here by :func:`_register_kernels` (called once the library is loa
 
 from __future__ import annotations
 
+import weakref
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
 from .. import _config, _extension
+from .._sync import check_on_device, host_to_device, reads_for_free
 from .._config import use_backend
 from ._export import ms_deform_attn_decomposed
 from ._reference import ms_deform_attn_reference
 
-__all__ = ["ms_deform_attn", "available_backends", "use_backend"]
+__all__ = ["ms_deform_attn", "available_backends", "use_backend", "level_metadata"]
 
 _BACKENDS = _config.MSDA_BACKENDS
 
@@ -94,11 +98,111 @@ def _check_inputs(
 
 
 def _check_levels(spatial_shapes: Tensor, level_start_index: Tensor, rows: int) -> None:
-    """Checks the level metadata against value's S rows. Reads data: one device sync for CUDA inputs."""
-    if spatial_shapes.device.type == "meta":
+    """Checks the level metadata against value's S rows, without a host sync (see :func:`_check_levels_on_device`).
+
+    CPU metadata is read on the host (free, with a detailed message); metadata on a GPU is checked there, queued, never
+    read back. Either way the pair is then remembered (while neither tensor is modified in place), so the encoder's
+    layers, which all pass the same tensors, check them once per forward; :func:`level_metadata` makes pairs that
+    need no check at all.
+    """
+    if spatial_shapes.device.type == "meta" or _levels_checked(spatial_shapes, level_start_index, rows):
         return
+    if reads_for_free(spatial_shapes):
+        _check_levels_host(spatial_shapes, level_start_index, rows)
+    else:
+        _check_levels_on_device(spatial_shapes, level_start_index, rows)
+    _mark_levels_checked(spatial_shapes, level_start_index, rows)
+
+
+def _levels_checked(spatial_shapes: Tensor, level_start_index: Tensor, rows: int) -> bool:
+    mark = getattr(spatial_shapes, "_mpseg_levels_checked", None)
+    return (
+        mark is not None
+        and mark[0] == rows
+        and mark[1] == spatial_shapes._version
+        and mark[2]() is level_start_index
+        and mark[3] == level_start_index._version
+    )
+
+
+def _mark_levels_checked(spatial_shapes: Tensor, level_start_index: Tensor, rows: int) -> None:
+    # On the tensor itself (no global registry to leak): the pair, its row count and both in-place versions.
+    spatial_shapes._mpseg_levels_checked = (
+        rows, spatial_shapes._version, weakref.ref(level_start_index), level_start_index._version
+    )
+
+
+def _check_levels_on_device(spatial_shapes: Tensor, level_start_index: Tensor, rows: int) -> None:
+    """The checks of :func:`_check_levels_host` as tensor operations on the metadata's device, reported by
+    :func:`mpseg._sync.check_on_device` (a queued device-side assertion on a GPU, never a host read)."""
+    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    consistent = (
+        (spatial_shapes > 0).all()
+        & (level_start_index == sizes.cumsum(0) - sizes).all()
+        & (sizes.sum() == rows)
+    )
+    check_on_device(
+        consistent,
+        f"ms_deform_attn: spatial_shapes / level_start_index do not describe value's S = {rows} rows (positive "
+        "(H, W) per level, level_start_index = 0, H_0*W_0, ..., sum of H*W = S); pass the same tensors on the CPU "
+        "for the failing level",
+    )
+
+
+def level_metadata(shapes: Sequence[tuple[int, int]], device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """``spatial_shapes`` and ``level_start_index`` for levels of known sizes, made without a host sync.
+
+    The sizes are Python ints, checked on the host; the tensors are cached per (sizes, device) and marked as checked,
+    so a model that calls :func:`ms_deform_attn` with them never synchronises with the device for the level checks
+    (the pixel decoder does this every forward).
+
+    Args:
+        shapes (sequence of (int, int)): ``(H_l, W_l)`` of each level, all positive.
+        device (torch.device or str): where the tensors live.
+
+    Returns:
+        tuple[Tensor[L, 2], Tensor[L]]: int64 ``spatial_shapes`` and ``level_start_index``. Do not modify them in
+        place (they are shared; a modified pair is checked again, and fails).
+
+    Example:
+        >>> import mpseg
+        >>> shapes, starts = mpseg.level_metadata([(8, 8), (4, 4)], "cpu")
+        >>> shapes.tolist(), starts.tolist()
+        ([[8, 8], [4, 4]], [0, 64])
+    """
+    key = (tuple((int(h), int(w)) for h, w in shapes), torch.device(device))
+    if torch.compiler.is_compiling():
+        return _make_level_metadata(*key)  # constants of the graph; the cache is eager-mode bookkeeping
+    rows = sum(h * w for h, w in key[0])
+    cached = _LEVEL_METADATA.get(key)
+    if cached is None or not _levels_checked(*cached, rows):
+        cached = _make_level_metadata(*key)
+        _mark_levels_checked(*cached, rows)
+        if type(cached[0]) is Tensor:  # not the data-less tensors of a FakeTensorMode (tracing, tests)
+            _LEVEL_METADATA[key] = cached
+    return cached
+
+
+_LEVEL_METADATA: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _make_level_metadata(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    if not shapes or any(h <= 0 or w <= 0 for h, w in shapes):
+        raise ValueError(f"level_metadata: shapes must be one or more positive (H, W) pairs, got {list(shapes)}")
+    starts = [0]
+    for h, w in shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    # device="cpu" explicitly: under torch.set_default_device("cuda") torch.tensor(list) would be a blocking upload.
+    return (
+        host_to_device(torch.tensor(shapes, dtype=torch.int64, device="cpu"), device),
+        host_to_device(torch.tensor(starts, dtype=torch.int64, device="cpu"), device),
+    )
+
+
+def _check_levels_host(spatial_shapes: Tensor, level_start_index: Tensor, rows: int) -> None:
+    """The level checks on CPU metadata, with a message naming the failing level."""
     levels = spatial_shapes.shape[0]
-    data = torch.cat([spatial_shapes.reshape(-1), level_start_index]).cpu().tolist()
+    data = torch.cat([spatial_shapes.reshape(-1), level_start_index]).tolist()
     shapes, starts = data[: 2 * levels], data[2 * levels :]
     total = 0
     for level in range(levels):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _extension
+from .._sync import check_on_device, host_to_device, reads_for_free
 
 __all__ = [
     "point_sample",
@@ -193,12 +194,20 @@ def sample_masks_at_points(
     if height * width == 0 or num_rows == 0:  # nothing to read: every point is padding
         return torch.zeros(num_rows, num_points, dtype=dtype, device=masks.device)
     if mask_index is not None and not torch.compiler.is_compiling() and mask_index.numel():
-        low, high = int(mask_index.min()), int(mask_index.max())  # a host sync only for an index on the GPU
-        if low < 0 or high >= num_masks:
-            raise ValueError(f"mask_index must hold indices into the {num_masks} masks, got values in [{low}, {high}]")
+        if reads_for_free(mask_index):
+            low, high = int(mask_index.min()), int(mask_index.max())
+            if low < 0 or high >= num_masks:
+                raise ValueError(
+                    f"mask_index must hold indices into the {num_masks} masks, got values in [{low}, {high}]"
+                )
+        else:  # no host sync for an index on a GPU: a queued device-side assertion
+            check_on_device(((mask_index >= 0) & (mask_index < num_masks)).all(),
+                            f"mask_index must hold indices into the {num_masks} masks")
+    if mask_index is not None:
+        mask_index = host_to_device(mask_index, masks.device)
     coords = point_coords.to(torch.promote_types(point_coords.dtype, torch.float32))
     if _use_kernel(masks.device.type, masks, coords):
-        index = None if mask_index is None else mask_index.to(masks.device)
+        index = mask_index
         values = torch.ops.mpseg._sample_masks_at_points(masks, coords, index, canvas_h, canvas_w)
         return values.to(dtype)
     return _sample_masks_at_points_torch(masks, coords, mask_index, (canvas_h, canvas_w), dtype)
@@ -256,7 +265,7 @@ def _sample_masks_at_points_torch(
     if not shared:
         # Offset of each row's mask in the flattened masks: one 1-D gather reads all rows (advanced indexing with a
         # [R, 1] row index is several times slower on the CPU). The selected masks are never copied.
-        rows = mask_index.to(masks.device) if mask_index is not None else torch.arange(num_rows, device=masks.device)
+        rows = mask_index if mask_index is not None else torch.arange(num_rows, device=masks.device)
         offset = (rows * (height * width)).unsqueeze(1)
         row0 = row0 + offset
         row1 = row1 + offset

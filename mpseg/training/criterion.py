@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._sync import check_on_device, host_to_device
 from ..ops.point_sampling import point_sample, sample_masks_at_points, sample_uncertain_points
 from ._eager import run_eagerly
 from .losses import dice_loss, sigmoid_ce_loss
@@ -113,8 +114,8 @@ class SetCriterion(nn.Module):
         self.num_points = num_points
         self.oversample_ratio = float(oversample_ratio)
         self.importance_sample_ratio = float(importance_sample_ratio)
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = self.eos_coef
+        # Built without item assignment, which would be a blocking host-to-device copy when made on a GPU.
+        empty_weight = torch.cat([torch.ones(num_classes), torch.full((1,), self.eos_coef)])
         # A persistent buffer under the official name, so a model holding the criterion loads official checkpoints.
         self.register_buffer("empty_weight", empty_weight)
 
@@ -233,7 +234,8 @@ class SetCriterion(nn.Module):
         Returns:
             Tensor[]: float32 on ``device``.
         """
-        count = torch.tensor(float(sum(int(t["labels"].shape[0]) for t in targets)), device=device)
+        # torch.full, not torch.tensor(..., device=device): a fill runs on the device, a copy from the host would sync.
+        count = torch.full((), float(sum(int(t["labels"].shape[0]) for t in targets)), device=device)
         if dist.is_available() and dist.is_initialized():
             # Sum over ranks / world size: with gradients averaged over ranks, every mask in the global batch then
             # carries weight 1 / (total masks), as with one process seeing the whole batch.
@@ -317,16 +319,17 @@ class SetCriterion(nn.Module):
             gt = torch.arange(count)
             indices.append(((group_start + gt).flatten(), gt.repeat(num_groups)))
         if not torch.compiler.is_compiling():
-            # One host sync in eager mode to catch a pilot whose target_index does not follow the layout it claims.
+            # Catches a pilot whose target_index does not follow the layout it claims, without a host sync (on a GPU
+            # as a queued device-side assertion, see mpseg._sync.check_on_device).
             expected = torch.full(tuple(target_index.shape), -1, dtype=torch.int64)
             for b, (slots, gt) in enumerate(indices):
                 expected[b, slots] = gt
-            if not torch.equal(target_index.cpu(), expected):
-                raise ValueError(
-                    "outputs['pilot_outputs']['target_index'] does not follow the group-major layout that its "
-                    f"num_groups={num_groups} and max_objects={max_objects} imply (slot g * max_objects + j -> "
-                    "target j, -1 beyond each image's count); leave 'max_objects' out for another layout"
-                )
+            check_on_device(
+                (target_index == host_to_device(expected, target_index.device)).all(),
+                "outputs['pilot_outputs']['target_index'] does not follow the group-major layout that its "
+                f"num_groups={num_groups} and max_objects={max_objects} imply (slot g * max_objects + j -> "
+                "target j, -1 beyond each image's count); leave 'max_objects' out for another layout",
+            )
         return indices
 
     # ------------------------------------------------------------------------------------------------------------
@@ -352,10 +355,11 @@ class SetCriterion(nn.Module):
         """
         logits, masks = prediction["pred_logits"], prediction["pred_masks"]
         device = logits.device
-        batch_index = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(device)
-        pred_index = torch.cat([src for src, _ in indices]).to(device)
+        # The assignment is on the CPU: moved without host syncs (mpseg._sync.host_to_device).
+        batch_index = host_to_device(torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]), device)
+        pred_index = host_to_device(torch.cat([src for src, _ in indices]), device)
         matched_labels = torch.cat(
-            [t["labels"][tgt.to(t["labels"].device)].to(device) for t, (_, tgt) in zip(targets, indices)]
+            [t["labels"][host_to_device(tgt, t["labels"].device)].to(device) for t, (_, tgt) in zip(targets, indices)]
         )
 
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
@@ -402,7 +406,7 @@ class SetCriterion(nn.Module):
                 sample_masks_at_points(
                     target_masks,
                     point_coords[start : start + count].to(target_masks.device),
-                    mask_index=tgt.to(target_masks.device),
+                    mask_index=tgt,  # on the CPU: range-checked there for free, then moved without a sync
                     canvas_size=canvas,
                     dtype=dtype,
                 ).to(point_coords.device)

@@ -24,6 +24,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from .._sync import host_to_device, reads_for_free
 from ..ops.point_sampling import point_sample, sample_masks_at_points, uniform_points
 from .losses import pairwise_mask_costs
 
@@ -52,10 +53,12 @@ def _validate_prediction(outputs: dict, name: str = "outputs") -> tuple[Tensor, 
 
 
 def _validate_targets(targets: Sequence[dict], batch_size: int, num_classes: int, device: torch.device) -> None:
-    """Checks the Mask2Former target format; one host sync for the label range of the whole batch.
+    """Checks the Mask2Former target format, and the label range of labels on the CPU (free).
 
-    Under ``torch.compile`` only the structure is checked: reading the labels would break the graph, and an
-    out-of-range label still fails there, in the gather of the class cost and in the cross-entropy (index errors).
+    Labels on a GPU are range-checked by :meth:`HungarianMatcher.cost_matrices`, whose one copy of the cost matrix
+    to the host carries their minimum and maximum along (no extra sync). Under ``torch.compile`` only the structure is
+    checked: reading the labels would break the graph, and an out-of-range label still fails there, in the
+    cross-entropy (index error).
     """
     if not isinstance(targets, (list, tuple)):
         raise TypeError(f"targets must be a list of dicts (one per image), got {type(targets).__name__}")
@@ -79,15 +82,17 @@ def _validate_targets(targets: Sequence[dict], batch_size: int, num_classes: int
 
 
 def _check_label_range(targets: Sequence[dict], num_classes: int, device: torch.device) -> None:
-    all_labels = [t["labels"].to(device) for t in targets]
-    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.int64)
-    if labels.numel() > 0:
-        low, high = torch.aminmax(labels)  # one host sync for the whole batch
-        low, high = int(low), int(high)
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"target labels must be in [0, num_classes) = [0, {num_classes}), got values in [{low}, {high}]"
-            )
+    host_labels = [t["labels"] for t in targets if reads_for_free(t["labels"]) and t["labels"].numel()]
+    if host_labels:
+        low, high = torch.aminmax(torch.cat(host_labels))
+        _raise_label_range(int(low), int(high), num_classes)
+
+
+def _raise_label_range(low: int | float, high: int | float, num_classes: int) -> None:
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"target labels must be in [0, num_classes) = [0, {num_classes}), got values in [{int(low)}, {int(high)}]"
+        )
 
 
 def _describe(x) -> str:
@@ -211,13 +216,25 @@ class HungarianMatcher(nn.Module):
                 target_points[b, : num_targets[b]] = sample_masks_at_points(
                     target_masks, points[b].to(target_masks.device), canvas_size=canvas, dtype=dtype
                 ).to(device)
-                labels[b, : num_targets[b]] = target["labels"].to(device)
+                labels[b, : num_targets[b]] = host_to_device(target["labels"], device)
 
-            cost = self.cost_class * -torch.gather(probs, 2, labels.unsqueeze(1).expand(-1, num_queries, -1))
+            # Labels on a GPU are range-checked after the copy below; clamped here so that a bad one cannot fail the
+            # gather first with a device-side assert.
+            num_classes = probs.shape[-1] - 1
+            gather_labels = labels.clamp(0, num_classes).unsqueeze(1).expand(-1, num_queries, -1)
+            cost = self.cost_class * -torch.gather(probs, 2, gather_labels)
             if self.cost_mask != 0 or self.cost_dice != 0:
                 mask_cost, dice_cost = pairwise_mask_costs(pred_points, target_points)
                 cost = cost + self.cost_mask * mask_cost + self.cost_dice * dice_cost
-        cost = cost.cpu()  # one transfer for the whole batch
+        device_labels = [t["labels"] for t in targets if not reads_for_free(t["labels"]) and t["labels"].numel()]
+        if device_labels and not torch.compiler.is_compiling():
+            # The labels' range rides along with the cost matrix: one transfer, one sync for the whole batch.
+            bounds = torch.stack(torch.aminmax(torch.cat([x.to(device) for x in device_labels]))).to(cost.dtype)
+            packed = torch.cat([cost.reshape(-1), bounds]).cpu()
+            _raise_label_range(float(packed[-2]), float(packed[-1]), num_classes)
+            cost = packed[:-2].view(cost.shape)
+        else:
+            cost = cost.cpu()  # one transfer for the whole batch
         return [cost[b, :, : num_targets[b]] for b in range(batch_size)]
 
     def forward(
