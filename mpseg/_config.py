@@ -2,8 +2,9 @@
 """Global switches, in one place: read from the environment once (at import), changeable with context managers.
 
 =======================  ==========================================================================================
-``MPSEG_MSDA_BACKEND``   ``auto`` (default) | ``cpu`` | ``cuda`` | ``reference``: backend of :func:`mpseg.ms_deform_attn`
-                         when the call does not pass ``backend=``.
+``MPSEG_MSDA_BACKEND``   ``auto`` (default) | ``cpu`` | ``cuda`` | ``triton`` | ``reference``: backend of
+                         :func:`mpseg.ms_deform_attn` when the call does not pass ``backend=`` (``triton`` also runs
+                         the point kernels of the mask losses on Triton).
 ``MPSEG_EXTENSION``      ``auto`` (default) | ``prebuilt`` | ``jit`` | ``none``: how :mod:`mpseg._extension` loads the
                          compiled ops.
 ``MPSEG_CACHE_DIR``      where just-in-time builds go (default ``~/.cache/mpseg``).
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 
 __all__ = ["MSDA_BACKENDS", "EXTENSION_MODES", "msda_backend", "set_msda_backend", "use_backend", "extension_mode"]
 
-MSDA_BACKENDS = ("cpu", "cuda", "reference")
+MSDA_BACKENDS = ("cpu", "cuda", "triton", "reference")
 EXTENSION_MODES = ("auto", "prebuilt", "jit", "none")
 
 
@@ -65,7 +66,8 @@ def msda_backend() -> str | None:
 
 
 def set_msda_backend(backend: str | None) -> None:
-    """Set the default backend (``"cpu"``, ``"cuda"``, ``"reference"``, or ``None``/``"auto"`` for automatic)."""
+    """Set the default backend (``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``, or ``None``/``"auto"`` for
+    automatic)."""
     global _MSDA_BACKEND, _MSDA_BACKEND_ERROR
     _MSDA_BACKEND = _parse_backend(backend, "backend")
     _MSDA_BACKEND_ERROR = None
@@ -76,7 +78,7 @@ def use_backend(backend: str | None) -> Iterator[None]:
     """Context manager: run :func:`mpseg.ms_deform_attn` with ``backend`` as the default inside the block.
 
     Args:
-        backend: ``"cpu"``, ``"cuda"``, ``"reference"``, or ``None``/``"auto"`` for automatic choice.
+        backend: ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``, or ``None``/``"auto"`` for automatic choice.
     """
     global _MSDA_BACKEND, _MSDA_BACKEND_ERROR
     saved = (_MSDA_BACKEND, _MSDA_BACKEND_ERROR)

@@ -314,7 +314,7 @@ def test_sample_uncertain_points_kernel_and_torch_path_draw_alike(ops, monkeypat
     logits = torch.randn(4, 1, 30, 30, generator=torch.Generator(torch.get_default_device()).manual_seed(23))
     gen_kernel, gen_torch = torch.Generator(torch.get_default_device()).manual_seed(5), torch.Generator(torch.get_default_device()).manual_seed(5)
     with_kernel = sample_uncertain_points(logits, 200, generator=gen_kernel)
-    monkeypatch.setattr(ps, "_kernels_for", lambda device_type: False)
+    monkeypatch.setattr(ps, "_kernels_for", lambda device_type, triton: None)
     without = sample_uncertain_points(logits, 200, generator=gen_torch)
     assert torch.equal(gen_kernel.get_state(), gen_torch.get_state())
     torch.testing.assert_close(with_kernel[:, 150:], without[:, 150:], rtol=0, atol=0)  # the uniform fill

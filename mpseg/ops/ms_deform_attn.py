@@ -1,11 +1,12 @@
 # Copyright 2026 mpseg developers. Licensed under the Apache License, Version 2.0.
 """Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021): dispatch, input checks and registrations.
 
-Three backends compute the same function: the C++ CPU kernel (``"cpu"``), the CUDA kernel (``"cuda"``), both in
-``mpseg._C`` and sharing one definition of the per-sample arithmetic (``csrc/ms_deform_attn/sampling.h``), and the
+Four backends compute the same function: the C++ CPU kernel (``"cpu"``), the CUDA kernel (``"cuda"``), both in
+``mpseg._C`` and sharing one definition of the per-sample arithmetic (``csrc/ms_deform_attn/sampling.h``), the Triton
+kernels (``"triton"``, :mod:`mpseg.ops._triton`; GPU tensors, or CPU tensors under ``TRITON_INTERPRET=1``), and the
 pure-PyTorch :func:`~mpseg.ms_deform_attn_reference` (``"reference"``). The choice is automatic (the kernel of the
-inputs' device, else the reference with a one-time warning), or forced with ``backend=``, ``MPSEG_MSDA_BACKEND`` or
-:func:`use_backend`. A forced backend that cannot run raises an error listing why each backend can or cannot run.
+inputs' device, else the reference with a one-time warning; Triton only when asked for), or forced with ``backend=``,
+``MPSEG_MSDA_BACKEND`` or :func:`use_backend`. A forced backend that cannot run raises an error listing why each backend can or cannot run.
 
 The compiled op is a real custom op (``torch.ops.mpseg.ms_deform_attn``): its autograd, fake-tensor and autocast rules
 are registered here by :func:`_register_kernels` (called once the library is loaded), so it works with
@@ -23,6 +24,7 @@ from torch import Tensor
 from .. import _config, _extension
 from .._sync import check_on_device, host_to_device, reads_for_free
 from .._config import use_backend
+from . import _triton
 from ._export import ms_deform_attn_decomposed
 from ._reference import ms_deform_attn_reference
 
@@ -236,6 +238,7 @@ def _why_not(device_type: str) -> dict[str, str | None]:
     if cuda is None and device_type != "cuda":
         cuda = f"inputs are on {device_type}, not cuda"
     reasons["cuda"] = cuda
+    reasons["triton"] = _triton.why_not(device_type)
     reasons["reference"] = None
     return reasons
 
@@ -254,6 +257,8 @@ def _resolve_backend(requested: str | None, device_type: str) -> str:
     if reasons[requested] is not None:
         listed = "; ".join(f"{name}: {why or 'can run'}" for name, why in reasons.items())
         raise RuntimeError(f"ms_deform_attn: backend {requested!r} cannot run on {device_type} tensors. {listed}")
+    if requested == "triton":
+        _triton.load()  # registers torch.ops.mpseg_triton (once)
     return requested
 
 
@@ -271,14 +276,15 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
             backends that can run on some device present here.
 
     Returns:
-        list[str]: a subset of ``["cpu", "cuda", "reference"]``.
+        list[str]: a subset of ``["cpu", "cuda", "triton", "reference"]``.
     """
     if device is not None:
         reasons = _why_not(torch.device(device).type)
         return [name for name, why in reasons.items() if why is None]
     names = [name for name, why in _why_not("cpu").items() if why is None]
-    if torch.cuda.is_available() and _why_not("cuda")["cuda"] is None:
-        names.insert(1, "cuda")
+    if torch.cuda.is_available():
+        on_cuda = _why_not("cuda")
+        names = [name for name in _BACKENDS if name in names or on_cuda[name] is None]
     return names
 
 
@@ -307,7 +313,7 @@ def ms_deform_attn(
         level_start_index (Tensor[L], int64): first row of each level in ``S`` (``0, H_0*W_0, ...``).
         sampling_locations (Tensor[B, Q, M, L, P, 2]): normalised ``(x, y)`` sampling locations.
         attention_weights (Tensor[B, Q, M, L, P]): weight of each sample (usually softmax over ``L*P``).
-        backend: ``"cpu"``, ``"cuda"``, ``"reference"``, or ``None`` for the configured default
+        backend: ``"cpu"``, ``"cuda"``, ``"triton"``, ``"reference"``, or ``None`` for the configured default
             (``MPSEG_MSDA_BACKEND`` / :func:`use_backend`, automatic unless set).
 
     Returns:
@@ -346,6 +352,9 @@ def ms_deform_attn(
             return ms_deform_attn_decomposed(value, spatial_shapes, level_start_index, sampling_locations,
                                              attention_weights)
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if choice == "triton":
+        return torch.ops.mpseg_triton.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                                                     attention_weights)
     return torch.ops.mpseg.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                           attention_weights)
 
@@ -371,8 +380,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
+    return _backward_with(torch.ops.mpseg._ms_deform_attn_backward, ctx, grad_output)
+
+
+def _backward_with(backward_op, ctx, grad_output):
+    """The autograd rule of a forward op whose backward op (same schema for every backend) is ``backward_op``."""
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-    grad_value, grad_locations, grad_weights = torch.ops.mpseg._ms_deform_attn_backward(
+    grad_value, grad_locations, grad_weights = backward_op(
         grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
     needs = ctx.needs_input_grad

@@ -17,7 +17,9 @@ official code draws the same points.
 The uncertain-point selection and the target-mask reads run as compiled kernels (``torch.ops.mpseg``, from
 ``csrc/point_sampling``) when the extension is loaded for the inputs' device (the target reads: and no input needs a
 gradient); otherwise, and for tests, the PyTorch paths ``_select_uncertain_points_torch`` and
-``_sample_masks_at_points_torch`` run.
+``_sample_masks_at_points_torch`` run. With the backend set to ``"triton"`` (``MPSEG_MSDA_BACKEND=triton`` or
+:func:`mpseg.ops.ms_deform_attn.use_backend`), the Triton kernels of :mod:`mpseg.ops._triton` run instead
+(``torch.ops.mpseg_triton``, same schemas), or an error says why they cannot.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _extension
+from .. import _config, _extension
 from .._sync import check_on_device, host_to_device, reads_for_free
+from . import _triton
 
 __all__ = [
     "point_sample",
@@ -206,26 +209,34 @@ def sample_masks_at_points(
     if mask_index is not None:
         mask_index = host_to_device(mask_index, masks.device)
     coords = point_coords.to(torch.promote_types(point_coords.dtype, torch.float32))
-    if _use_kernel(masks.device.type, masks, coords):
-        index = mask_index
-        values = torch.ops.mpseg._sample_masks_at_points(masks, coords, index, canvas_h, canvas_w)
+    kernels = _use_kernel(masks.device.type, masks, coords)
+    if kernels is not None:
+        values = kernels._sample_masks_at_points(masks, coords, mask_index, canvas_h, canvas_w)
         return values.to(dtype)
     return _sample_masks_at_points_torch(masks, coords, mask_index, (canvas_h, canvas_w), dtype)
 
 
-def _use_kernel(device_type: str, *tensors: Tensor) -> bool:
-    """Whether the compiled point kernels run: loaded for this device, and no input needs a gradient through them."""
+def _use_kernel(device_type: str, *tensors: Tensor):
+    """The op namespace of the point kernels to run (``torch.ops.mpseg`` or ``torch.ops.mpseg_triton``), or None for
+    the PyTorch path: kernels available for this device, and no input needs a gradient through them."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False  # the kernels have no backward; the PyTorch path is differentiable
-    return _kernels_for(device_type)
+        return None  # the kernels have no backward; the PyTorch path is differentiable
+    name = _kernels_for(device_type, _config.msda_backend() == "triton")
+    return None if name is None else getattr(torch.ops, name)
 
 
-def _kernels_for(device_type: str) -> bool:
+def _kernels_for(device_type: str, triton: bool) -> str | None:
+    if triton:
+        why = _triton.why_not(device_type)
+        if why is not None:
+            raise RuntimeError(f"the Triton point kernels of the mask losses cannot run on {device_type} tensors: {why}")
+        _triton.load()
+        return "mpseg_triton"
     if _extension.has_kernels(device_type):
-        return True
+        return "mpseg"
     if device_type in ("cpu", "cuda"):
         _extension.warn_fallback_once("the point sampling of the mask losses")
-    return False
+    return None
 
 
 # Run once at trace time under torch.compile, its answer a constant of the graph (see mpseg._extension.has_kernels).
@@ -328,13 +339,13 @@ def sample_uncertain_points(
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
     coords = uniform_points(num_masks, num_sampled, device=logits.device, generator=generator)
-    if (
-        uncertainty_func is logit_uncertainty
-        and logits.dtype in (torch.float32, torch.float64)
-        and _use_kernel(logits.device.type)  # the selection has no gradient in either path: logits may need one
-    ):
+    # The selection has no gradient in either path: logits may need one.
+    kernels = None
+    if uncertainty_func is logit_uncertainty and logits.dtype in (torch.float32, torch.float64):
+        kernels = _use_kernel(logits.device.type)
+    if kernels is not None:
         # The compiled selection: same candidates, same kept set (up to ties), in candidate order, in O(P') per mask.
-        coords = torch.ops.mpseg._select_uncertain_points(logits[:, 0], coords, num_uncertain)
+        coords = kernels._select_uncertain_points(logits[:, 0], coords, num_uncertain)
     else:
         coords = _select_uncertain_points_torch(logits, coords, num_uncertain, uncertainty_func)
     if num_random > 0:
