@@ -26,7 +26,7 @@ from .layers import (
 from .training import DEFAULT_WEIGHT_DICT, HungarianMatcher, SetCriterion, dice_loss, sigmoid_ce_loss
 from .inference import instance_inference, panoptic_inference, resize_mask_logits, semantic_inference
 from .diagnostics import layer_consistency
-from . import convert
+from . import convert, data, evaluation
 
 __version__ = "0.1.0"
 
@@ -61,4 +61,7 @@ __all__ = [
     "resize_mask_logits",
     "layer_consistency",
     "convert",
+    # COCO-format data and evaluation (the `data` extra for COCO masks and mask AP)
+    "data",
+    "evaluation",
 ]
