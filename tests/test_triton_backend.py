@@ -12,7 +12,8 @@ Shapes are tiny: the interpreter runs every program of the grid in Python.
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -213,6 +214,19 @@ def test_backend_errors_say_why(monkeypatch):
         ms_deform_attn(*inputs, backend="triton")
     # Other devices.
     assert "Triton runs on cuda" in (_triton.why_not("mps") or "") or "not importable" in _triton.why_not("mps")
+
+
+def test_other_backends_never_import_triton():
+    # A first `import triton` costs seconds: a process that runs the other backends must not pay it.
+    code = (
+        "import sys, torch, mpseg\n"
+        "v = torch.randn(1, 12, 2, 4); s = torch.tensor([[3, 4]]); st = torch.tensor([0])\n"
+        "mpseg.ms_deform_attn(v, s, st, torch.rand(1, 5, 2, 1, 2, 2), torch.rand(1, 5, 2, 1, 2))\n"
+        "mpseg.available_backends(); mpseg.available_backends('cpu')\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
 
 
 def test_tuning_parameters_are_checked():

@@ -160,6 +160,10 @@ def _msda_backward(k: _Launcher, grad_output: Tensor, value: Tensor, spatial_sha
             f"mpseg_triton._ms_deform_attn_backward: grad_output must be {(batch, queries, heads * channels)} of "
             f"dtype {value.dtype}, got {tuple(grad_output.shape)} of dtype {grad_output.dtype}"
         )
+    if not k.interpret:
+        # Compiled, the value gradient is summed by atomic adds in whatever order the GPU runs them (the interpreter
+        # runs programs one after another: deterministic). Same report as the CUDA kernel's.
+        torch._C._alert_not_deterministic("mpseg_triton._ms_deform_attn_backward")
     # Half types accumulate the scattered value gradient in float32 (atomics of many samples into one row), then cast.
     accumulate = torch.float64 if value.dtype == torch.float64 else torch.float32
     grad_value = torch.zeros(value.shape, dtype=accumulate, device=value.device)
