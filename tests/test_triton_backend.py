@@ -1,5 +1,6 @@
 # Copyright 2026 mpseg developers. Licensed under the Apache License, Version 2.0.
-"""The Triton backend (``backend="triton"``, ``torch.ops.mpseg_triton``) against the float64 oracle and the PyTorch paths.
+"""The Triton backend (``backend="triton"``, ``torch.ops.mpseg_triton``) against the float64 oracle and the other
+paths.
 
 Without a GPU (CI) every test runs the kernels under Triton's interpreter on CPU tensors: the ``device`` fixture sets
 ``TRITON_INTERPRET=1`` for the test (mpseg picks compiled or interpreted kernels when a kernel is launched, so the
@@ -83,12 +84,13 @@ def test_msda_matches_float64_oracle(device, case, dtype, contiguous):
 def test_msda_non_finite_and_far_locations(device):
     # NaN, +-inf and huge locations read nothing and get zero gradients (no float-to-int conversion of them); a
     # location just outside the map still reads its border row, as grid_sample's zero padding does.
-    value, spatial_shapes, level_start_index, locations, weights, grad_output = make_inputs(1, 7, 2, 24, [(5, 4), (3, 2)], 2)
+    inputs = make_inputs(1, 7, 2, 24, [(5, 4), (3, 2)], 2)
+    value, spatial_shapes, level_start_index, locations, weights, grad_output = inputs
     bad = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 2.0, 1.1])
     locations[:, :, :, :, :, 0] = bad.view(1, 7, 1, 1, 1).to(locations.dtype)
     locations[0, 3, 1, 1, 0, 1] = float("nan")  # a NaN y with a finite x
     expected = reference64(value, spatial_shapes, level_start_index, locations, weights, grad_output)
-    actual = run(triton_kernel, *to(device, (value, spatial_shapes, level_start_index, locations, weights, grad_output)))
+    actual = run(triton_kernel, *to(device, inputs))
     for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
         assert torch.isfinite(a).all(), name
         assert_close_scaled(a.cpu(), e, 2e-5, name)

@@ -79,7 +79,9 @@ def _parse_tuning(text: str | None) -> TritonTuning:
         name, _, value = item.partition("=")
         name = name.strip()
         if name not in names or not value.strip().isdigit():
-            raise ValueError(f"MPSEG_TRITON_TUNING: expected name=int pairs with names from {sorted(names)}, got {item!r}")
+            raise ValueError(
+                f"MPSEG_TRITON_TUNING: expected name=int pairs with names from {sorted(names)}, got {item!r}"
+            )
         values[name] = int(value)
     return TritonTuning(**values)
 
