@@ -111,7 +111,7 @@ def test_environment_backend_is_read_and_validated():
         """,
         MPSEG_MSDA_BACKEND="fastest",
     )
-    assert "MPSEG_MSDA_BACKEND must be one of auto, cpu, cuda, reference; got 'fastest'" in result.stdout
+    assert "MPSEG_MSDA_BACKEND must be one of auto, cpu, cuda, triton, reference; got 'fastest'" in result.stdout
 
 
 def test_kernels_are_registered_for_every_dispatch_key():

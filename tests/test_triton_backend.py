@@ -1,5 +1,6 @@
 # Copyright 2026 mpseg developers. Licensed under the Apache License, Version 2.0.
-"""The Triton backend (``backend="triton"``, ``torch.ops.mpseg_triton``) against the float64 oracle and the PyTorch paths.
+"""The Triton backend (``backend="triton"``, ``torch.ops.mpseg_triton``) against the float64 oracle and the other
+paths.
 
 Without a GPU (CI) every test runs the kernels under Triton's interpreter on CPU tensors: the ``device`` fixture sets
 ``TRITON_INTERPRET=1`` for the test (mpseg picks compiled or interpreted kernels when a kernel is launched, so the
@@ -12,7 +13,8 @@ Shapes are tiny: the interpreter runs every program of the grid in Python.
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -82,12 +84,13 @@ def test_msda_matches_float64_oracle(device, case, dtype, contiguous):
 def test_msda_non_finite_and_far_locations(device):
     # NaN, +-inf and huge locations read nothing and get zero gradients (no float-to-int conversion of them); a
     # location just outside the map still reads its border row, as grid_sample's zero padding does.
-    value, spatial_shapes, level_start_index, locations, weights, grad_output = make_inputs(1, 7, 2, 24, [(5, 4), (3, 2)], 2)
+    inputs = make_inputs(1, 7, 2, 24, [(5, 4), (3, 2)], 2)
+    value, spatial_shapes, level_start_index, locations, weights, grad_output = inputs
     bad = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 2.0, 1.1])
     locations[:, :, :, :, :, 0] = bad.view(1, 7, 1, 1, 1).to(locations.dtype)
     locations[0, 3, 1, 1, 0, 1] = float("nan")  # a NaN y with a finite x
     expected = reference64(value, spatial_shapes, level_start_index, locations, weights, grad_output)
-    actual = run(triton_kernel, *to(device, (value, spatial_shapes, level_start_index, locations, weights, grad_output)))
+    actual = run(triton_kernel, *to(device, inputs))
     for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
         assert torch.isfinite(a).all(), name
         assert_close_scaled(a.cpu(), e, 2e-5, name)
@@ -213,6 +216,19 @@ def test_backend_errors_say_why(monkeypatch):
         ms_deform_attn(*inputs, backend="triton")
     # Other devices.
     assert "Triton runs on cuda" in (_triton.why_not("mps") or "") or "not importable" in _triton.why_not("mps")
+
+
+def test_other_backends_never_import_triton():
+    # A first `import triton` costs seconds: a process that runs the other backends must not pay it.
+    code = (
+        "import sys, torch, mpseg\n"
+        "v = torch.randn(1, 12, 2, 4); s = torch.tensor([[3, 4]]); st = torch.tensor([0])\n"
+        "mpseg.ms_deform_attn(v, s, st, torch.rand(1, 5, 2, 1, 2, 2), torch.rand(1, 5, 2, 1, 2))\n"
+        "mpseg.available_backends(); mpseg.available_backends('cpu')\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
 
 
 def test_tuning_parameters_are_checked():

@@ -6,7 +6,8 @@ Four backends compute the same function: the C++ CPU kernel (``"cpu"``), the CUD
 kernels (``"triton"``, :mod:`mpseg.ops._triton`; GPU tensors, or CPU tensors under ``TRITON_INTERPRET=1``), and the
 pure-PyTorch :func:`~mpseg.ms_deform_attn_reference` (``"reference"``). The choice is automatic (the kernel of the
 inputs' device, else the reference with a one-time warning; Triton only when asked for), or forced with ``backend=``,
-``MPSEG_MSDA_BACKEND`` or :func:`use_backend`. A forced backend that cannot run raises an error listing why each backend can or cannot run.
+``MPSEG_MSDA_BACKEND`` or :func:`use_backend`. A forced backend that cannot run raises an error listing why each
+backend can or cannot run.
 
 The compiled op is a real custom op (``torch.ops.mpseg.ms_deform_attn``): its autograd, fake-tensor and autocast rules
 are registered here by :func:`_register_kernels` (called once the library is loaded), so it works with

@@ -229,7 +229,9 @@ def _kernels_for(device_type: str, triton: bool) -> str | None:
     if triton:
         why = _triton.why_not(device_type)
         if why is not None:
-            raise RuntimeError(f"the Triton point kernels of the mask losses cannot run on {device_type} tensors: {why}")
+            raise RuntimeError(
+                f"the Triton point kernels of the mask losses cannot run on {device_type} tensors: {why}"
+            )
         _triton.load()
         return "mpseg_triton"
     if _extension.has_kernels(device_type):

@@ -79,7 +79,9 @@ def _parse_tuning(text: str | None) -> TritonTuning:
         name, _, value = item.partition("=")
         name = name.strip()
         if name not in names or not value.strip().isdigit():
-            raise ValueError(f"MPSEG_TRITON_TUNING: expected name=int pairs with names from {sorted(names)}, got {item!r}")
+            raise ValueError(
+                f"MPSEG_TRITON_TUNING: expected name=int pairs with names from {sorted(names)}, got {item!r}"
+            )
         values[name] = int(value)
     return TritonTuning(**values)
 
@@ -95,23 +97,23 @@ _UNSET = object()
 
 
 def _triton_import_error() -> str | None:
-    """None if triton imports, else why not (cached)."""
-    global _IMPORT_ERROR
-    if _IMPORT_ERROR is None:
-        try:
-            import triton  # noqa: F401
-
-            _IMPORT_ERROR = ""
-        except Exception as exc:  # noqa: BLE001 - recorded and reported as the backend's reason
-            _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-    return _IMPORT_ERROR or None
+    """None if triton can be imported, else why not. Answered without importing it (a first ``import triton`` costs
+    seconds, which a process that never runs the Triton backend should not pay): the import happens in :func:`load`,
+    and an import that fails there is recorded here."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR or None
+    if "triton" in sys.modules or importlib.util.find_spec("triton") is not None:
+        return None
+    return "ModuleNotFoundError: No module named 'triton'"
 
 
 def interpreting() -> bool:
-    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``), read now (Triton reads the environment live)."""
-    import triton
-
-    return bool(triton.knobs.runtime.interpret)
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``), read now, as Triton reads it (its knob when triton
+    is imported, else the environment variable with Triton's reading of booleans)."""
+    triton = sys.modules.get("triton")
+    if triton is not None and hasattr(triton, "knobs"):
+        return bool(triton.knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
 
 
 def why_not(device_type: str) -> str | None:
@@ -173,6 +175,12 @@ def load() -> None:
     with _LOCK:
         if _OPS_LOADED:
             return
+        global _IMPORT_ERROR
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - recorded, and reported as the backend's reason from now on
+            _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+            raise RuntimeError(f"the Triton backend cannot run: triton is not importable ({_IMPORT_ERROR})") from exc
         from . import ops  # noqa: F401 - registers the ops
 
         _OPS_LOADED = True

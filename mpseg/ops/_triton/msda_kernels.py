@@ -67,7 +67,8 @@ def _level(shapes_ptr, starts_ptr, level, num_rows):
     width = tl.load(shapes_ptr + 2 * level + 1)
     start = tl.load(starts_ptr + level)
     safe_width = tl.maximum(width, 1)
-    usable = (height > 0) & (width > 0) & (start >= 0) & (start <= num_rows) & (height <= (num_rows - start) // safe_width)
+    usable = ((height > 0) & (width > 0) & (start >= 0) & (start <= num_rows)
+              & (height <= (num_rows - start) // safe_width))
     # (Sizes zeroed rather than a boolean carried along: Triton 3.8's interpreter mis-types `block & scalar` masks.)
     return tl.where(usable, height, 0), tl.where(usable, width, 0), tl.where(usable, start, 0)
 

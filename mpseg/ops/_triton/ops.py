@@ -46,7 +46,8 @@ class _Launcher:
 
 
 def _define(name: str, schema: str, impl: Callable, fake: Callable, module_name: str):
-    """Registers ``mpseg_triton::<name>`` (triton_op) and its interpreted twin; ``impl(launcher, *args)`` is the body."""
+    """Registers ``mpseg_triton::<name>`` (a triton_op) and its interpreted twin; ``impl(launcher, *args)`` is the
+    body of both."""
     interpreted = torch.library.custom_op(
         f"{_NAMESPACE}::_{name}_interpreted",
         lambda *args: impl(_Launcher(module_name, True), *args),
@@ -118,7 +119,9 @@ def _check_msda(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor
         raise TypeError("mpseg_triton.ms_deform_attn: spatial_shapes and level_start_index must be int64")
     for name, arg in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
         if arg.dtype != value.dtype:
-            raise TypeError(f"mpseg_triton.ms_deform_attn: {name} must have value's dtype {value.dtype}, got {arg.dtype}")
+            raise TypeError(
+                f"mpseg_triton.ms_deform_attn: {name} must have value's dtype {value.dtype}, got {arg.dtype}"
+            )
 
 
 def _msda_blocks(channels: int, queries: int, points: int, block_elements: int) -> dict[str, int]:
@@ -160,6 +163,10 @@ def _msda_backward(k: _Launcher, grad_output: Tensor, value: Tensor, spatial_sha
             f"mpseg_triton._ms_deform_attn_backward: grad_output must be {(batch, queries, heads * channels)} of "
             f"dtype {value.dtype}, got {tuple(grad_output.shape)} of dtype {grad_output.dtype}"
         )
+    if not k.interpret:
+        # Compiled, the value gradient is summed by atomic adds in whatever order the GPU runs them (the interpreter
+        # runs programs one after another: deterministic). Same report as the CUDA kernel's.
+        torch._C._alert_not_deterministic("mpseg_triton._ms_deform_attn_backward")
     # Half types accumulate the scattered value gradient in float32 (atomics of many samples into one row), then cast.
     accumulate = torch.float64 if value.dtype == torch.float64 else torch.float32
     grad_value = torch.zeros(value.shape, dtype=accumulate, device=value.device)
@@ -278,7 +285,8 @@ def _select(k: _Launcher, logits: Tensor, coords: Tensor, keep: int) -> Tensor:
     radix = TUNING.select_radix_bits
     k.select_uncertain_kernel[(num_masks,)](
         logits.contiguous(), coords.contiguous(), keys, out, candidates, keep, height, width,
-        KEY_BITS=key_bits, RADIX_BITS=radix, NUM_BINS=1 << radix, BLOCK=min(TUNING.select_block, _pow2_at_least(candidates)),
+        KEY_BITS=key_bits, RADIX_BITS=radix, NUM_BINS=1 << radix,
+        BLOCK=min(TUNING.select_block, _pow2_at_least(candidates)),
         num_warps=TUNING.select_warps, num_stages=TUNING.num_stages,
     )
     return out
