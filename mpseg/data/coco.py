@@ -32,8 +32,8 @@ def _mask_api():
         from pycocotools import mask as mask_api
     except ImportError as error:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "decoding COCO polygons and RLE needs pycocotools, which the optional 'data' extra installs: "
-            "pip install 'mpseg[data]'"
+            "COCO polygons and RLE (COCOInstanceDataset) and mask AP (InstanceEvaluator) need pycocotools, which the "
+            "optional 'data' extra installs: pip install 'mpseg[data]'"
         ) from error
     return mask_api
 
