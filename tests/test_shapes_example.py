@@ -180,3 +180,32 @@ def test_demo_pilot_loss_weight_scales_only_the_pilot_terms():
     assert [criterion.weight(k) for k in ("loss_ce_mp", "loss_mask_mp_2", "loss_dice_mp_0")] == [1.0, 2.5, 2.5]
     _, default = shapes_demo.make_criterion(shapes_demo.parse_args([]))
     assert default.weight("loss_mask_mp_4") == 5.0  # MP-Former's: the pilots' losses weigh as the matching ones
+
+
+def test_mp_vs_baseline_report_equal_steps_and_equal_time(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import mp_vs_baseline
+
+    def arm(values, seconds):
+        history = {"eval_step": [10, 20], "eval_seconds": seconds}
+        for key in ("miou", "pq", "ap", "pq_th", "pq_st", "layer_iou", "layer_same_query"):
+            history[f"eval_{key}"] = values
+        return {"miou": values[-1], "pq": values[-1], "ap": values[-1], "train_seconds": seconds[-1],
+                "history": history}
+
+    args = {"steps": 20, "batch_size": 8, "image_size": 64, "dec_layers": 6, "points": 256, "val_images": 4,
+            "point_noise": 0.0, "label_noise": 0.2, "mp_loss_weight": 1.0}
+    runs = [{"args": {**args, "seed": seed},
+             "results": {"mask2former": arm([10.0, 20.0 + seed], [10.0, 20.0]),
+                         "mp-former": arm([20.0, 40.0 + seed], [15.0, 30.0])}} for seed in (0, 2)]
+    summary = mp_vs_baseline.report(runs, str(tmp_path))
+    # Equal steps: means over the two seeds (20, 22 -> 21 +- sqrt(2)).
+    assert summary["equal_steps"]["mask2former"][1]["pq"] == pytest.approx((21.0, 2 ** 0.5))
+    assert summary["equal_steps"]["mp-former"][0]["miou"] == pytest.approx((20.0, 0.0))
+    # Equal time: MP-Former at the baseline's 20 s lies a third of the way from its 15 s to its 30 s checkpoint.
+    assert summary["equal_time"]["mp-former"]["ap"][0] == pytest.approx((20 + 20 / 3 + 20 + 22 / 3) / 2)
+    assert summary["step_seconds"]["ratio"] == pytest.approx((1.5, 0.0))
+    assert mp_vs_baseline.at_seconds(runs[0]["results"]["mp-former"]["history"], "pq", 5.0) == 20.0
+    assert mp_vs_baseline.at_seconds(runs[0]["results"]["mp-former"]["history"], "pq", 99.0) == 40.0
+    assert "seed 0: mIoU +20.0, PQ +20.0, AP +20.0  (ahead on all three)" in capsys.readouterr().out
+    assert (tmp_path / "summary.json").stat().st_size > 0
