@@ -48,10 +48,10 @@ class SegmentationMetrics:
         self.things = [c for c, t in enumerate(self.is_thing) if t]
         self.stuffs = [c for c, t in enumerate(self.is_thing) if not t]
         self.miou = MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore_index)
-        # Unlike COCO's panoptic evaluation, torchmetrics drops the pixels a prediction leaves void from the ground-truth
-        # segments' area (a half-covered object would score IoU 1). Void predictions therefore get a category of their
-        # own (an extra stuff class, `num_classes`), which keeps them in the union as COCO does and is left out of
-        # every mean below.
+        # Unlike COCO's panoptic evaluation, torchmetrics drops the pixels a prediction leaves void from the
+        # ground-truth segments' area (a half-covered object would score IoU 1). Void predictions therefore get a
+        # category of their own (an extra stuff class, `num_classes`), which keeps them in the union as COCO does and
+        # is left out of every mean below.
         self._void = num_classes
         self.pq = PanopticQuality(things=set(self.things), stuffs=set(self.stuffs) | {self._void},
                                   return_per_class=True)
@@ -78,7 +78,8 @@ class SegmentationMetrics:
             sem_pred, sem_gt (Tensor): [H, W] class ids.
             pan_pred, pan_gt (Tensor): [H, W] segment ids (0 = void) with their ``[{"id", "category_id"}]`` lists.
             instances (dict): ``{"masks": bool [n, H, W], "scores": [n], "labels": [n]}`` thing detections.
-            gt_masks (Tensor): [m, H, W] bool masks of the ground-truth thing instances, ``gt_labels`` [m] their classes.
+            gt_masks (Tensor): [m, H, W] bool masks of the ground-truth thing instances.
+            gt_labels (Tensor): [m] their classes.
         """
         self.miou.update(sem_pred[None], sem_gt[None])
         keep = sem_gt != self._ignore_index
@@ -91,7 +92,7 @@ class SegmentationMetrics:
                        [{"masks": gt_masks.bool(), "labels": gt_labels.long()}])
 
     def compute(self) -> dict:
-        """``miou``, ``class_iou`` (list, NaN for absent classes), ``pq``, ``pq_th``, ``pq_st``, ``ap``, ``ap50`` in %."""
+        """``miou``, ``class_iou`` (NaN for absent classes), ``pq``, ``pq_th``, ``pq_st``, ``ap``, ``ap50``; in %."""
         iou = self.miou.compute().double()
         iou = torch.where(self._present, iou, torch.full_like(iou, float("nan")))
         pq_per_class = self.pq.compute().double().flatten().tolist()

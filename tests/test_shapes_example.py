@@ -115,7 +115,8 @@ def test_mask_ap_wiring_hand_computed():
 
     def ap(masks, scores, gts=gt_masks):
         metrics = SegmentationMetrics([True, True, False])
-        detections = {"masks": masks, "scores": torch.tensor(scores), "labels": torch.zeros(len(scores), dtype=torch.long)}
+        detections = {"masks": masks, "scores": torch.tensor(scores),
+                      "labels": torch.zeros(len(scores), dtype=torch.long)}
         metrics.update(**_metric_inputs(sem, sem, seg, segments, seg, segments, detections, gts,
                                         torch.zeros(len(gts), dtype=torch.long)))
         return metrics.compute()
