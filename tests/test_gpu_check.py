@@ -3,7 +3,8 @@
 
 The GPU report (benchmarks/bench_gpu_report.py) runs here with ``--device cpu --smoke``: every step of it (inputs, each
 backend's error against the float64 reference, the timings, a backend that cannot run reported instead of measured,
-the MP-Former training step, the markdown) except the CUDA-only calls (synchronisation, peak memory).
+the markdown) except the CUDA-only calls (synchronisation, peak memory) and the MP-Former training step (too slow for
+CI on a CPU).
 """
 
 from __future__ import annotations
@@ -43,19 +44,18 @@ def gpu_report(monkeypatch):
 
 
 def test_gpu_report_smoke_on_cpu(gpu_report, tmp_path):
-    report = gpu_report.main(["--device", "cpu", "--smoke", "--report", str(tmp_path / "r.md"), "--max-time", "0.001"])
+    # --skip-training: the training step costs ~20 s of CPU even with tiny shapes (not run in CI; gpu-check runs it).
+    report = gpu_report.main(["--device", "cpu", "--smoke", "--report", str(tmp_path / "r.md"), "--max-time", "0.001",
+                              "--skip-training"])
     text = report.read_text()
     assert text.startswith("# mpseg GPU check")
     assert "Automatic backend of `mpseg.ms_deform_attn` for cpu tensors: **cpu**" in text
-    rows = {line.split(" | ")[2]: line for line in text.splitlines() if line.startswith("| quick 128x128")}
+    rows = {line.split(" | ")[2]: line for line in text.splitlines() if line.startswith("| smoke 16x16")}
     assert set(rows) == {"cuda", "triton", "reference"}
     assert "not measured: RuntimeError" in rows["cuda"]  # CPU tensors: the CUDA backend cannot run, and says why
     assert "not measured" in rows["triton"] or "e-" in rows["triton"]  # reported, measured once it can run
     error = float(rows["reference"].rstrip(" |").split(" | ")[-1])
     assert error < 1e-5  # float32 reference against float64
-    training = [line for line in text.splitlines() if line.startswith("| float32 |")]
-    assert len(training) == 1 and "failed" not in training[0], training
-    assert float(training[0].split(" | ")[1]) > 0  # images/s
 
 
 def test_bench_ms_deform_attn_delegates_cuda(gpu_report, monkeypatch):
