@@ -332,8 +332,11 @@ def test_backend_selection_and_errors(monkeypatch):
     message = str(info.value)
     assert "'cuda' cannot run" in message and "cpu: can run" in message and "reference: can run" in message
     assert "cuda: " in message
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="triton: .*set TRITON_INTERPRET=1"):  # tests/test_triton_backend.py
+        ms_deform_attn(*inputs, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
-        ms_deform_attn(*inputs, backend="tpu")
+        ms_deform_attn(*inputs, backend="fastest")
     with pytest.raises(ValueError, match="backend must be one of"), use_backend("fast"):
         pass
 
