@@ -233,31 +233,6 @@ def test_backward_is_bitwise_deterministic_across_runs_and_threads(dtype):
 
 
 @pytest.mark.sanitize
-@pytest.mark.cpu_only  # the C++ CPU kernel's two instruction-set builds
-def test_baseline_loops_match_reference():
-    # The kernel's loops exist twice: AVX2 + FMA (chosen on this machine) and the compiler's default target (16-byte
-    # vectors), which CPUs without AVX2 run and ATEN_CPU_CAPABILITY=default selects, as it does for torch's own
-    # kernels. Run the accuracy, edge-case and determinism tests again on the default loops, in a fresh process (the
-    # choice is made once per process).
-    import subprocess
-    import sys
-
-    tests = ["test_kernel_matches_reference", "test_float16_matches_reference", "test_hand_computed_value",
-             "test_backward_is_bitwise_deterministic_across_runs_and_threads",
-             "test_non_finite_and_far_locations_contribute_nothing", "test_samples_the_last_row_of_the_last_level"]
-    code = (
-        "import sys, pytest, torch\n"
-        "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT', torch.backends.cpu.get_cpu_capability()\n"
-        f"sys.exit(pytest.main([{__file__!r}, '-q', '-p', 'no:cacheprovider', '-p', 'no:xdist', '-k', "
-        f"{' or '.join(tests)!r}]))\n"
-    )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout, result.stdout[-2000:]
-
-
-@pytest.mark.sanitize
 @pytest.mark.parametrize("batch,queries", [(0, 5), (2, 0)])
 def test_empty_batch_or_queries(batch, queries):
     value, spatial_shapes, level_start_index, locations, weights, grad_output = make_inputs(
