@@ -181,9 +181,9 @@ def test_instance_hand_computed():
 
 
 def test_instance_equals_independent_mask_ap():
-    # examples/_metrics.mask_ap is a dependency-free COCO AP (no crowd, no area ranges): on random data without crowd
-    # regions it must give COCOeval's "all areas, 100 detections" AP.
-    from _metrics import mask_ap
+    # tests/_coco_ap_oracle.mask_ap is a dependency-free COCO AP (no crowd, no area ranges): on random data without
+    # crowd regions it must give COCOeval's "all areas, 100 detections" AP.
+    from _coco_ap_oracle import mask_ap
 
     gen = torch.Generator().manual_seed(1)
     evaluator = InstanceEvaluator(category_ids=[3, 8, 9])

@@ -2,7 +2,7 @@
 """The Triton backend (``backend="triton"``, ``torch.ops.mpseg_triton``) against the float64 oracle and the other
 paths.
 
-Without a GPU (CI) every test runs the kernels under Triton's interpreter on CPU tensors: the ``device`` fixture sets
+Without a GPU (CI) every test runs the kernels under Triton's interpreter on CPU tensors: the ``triton_device`` fixture (named apart from conftest's ``device``) sets
 ``TRITON_INTERPRET=1`` for the test (mpseg picks compiled or interpreted kernels when a kernel is launched, so the
 variable needs no special import order). On a machine with a CUDA GPU the same tests run a second time on ``cuda``,
 compiled, with the same oracles and tolerances. Nothing here is skipped in CI: the backend must be available on CPU
@@ -35,7 +35,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # cpu: the 
 
 
 @pytest.fixture(params=DEVICES)
-def device(request, monkeypatch):
+def triton_device(request, monkeypatch):
     if request.param == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
@@ -68,20 +68,20 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, to
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_msda_matches_float64_oracle(device, case, dtype, contiguous):
+def test_msda_matches_float64_oracle(triton_device, case, dtype, contiguous):
     inputs = make_inputs(*CASES[case], dtype=dtype, seed=case)
     expected = reference64(*inputs)
-    value, spatial_shapes, level_start_index, locations, weights, grad_output = to(device, inputs)
+    value, spatial_shapes, level_start_index, locations, weights, grad_output = to(triton_device, inputs)
     if not contiguous:
         value, locations, weights = (non_contiguous(t) for t in (value, locations, weights))
     actual = run(triton_kernel, value, spatial_shapes, level_start_index, locations, weights, grad_output)
-    assert actual[0].is_contiguous() and actual[0].device.type == device.type
+    assert actual[0].is_contiguous() and actual[0].device.type == triton_device.type
     for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
         assert a.dtype == dtype, name
         assert_close_scaled(a.cpu(), e, TOLERANCE[dtype], name)
 
 
-def test_msda_non_finite_and_far_locations(device):
+def test_msda_non_finite_and_far_locations(triton_device):
     # NaN, +-inf and huge locations read nothing and get zero gradients (no float-to-int conversion of them); a
     # location just outside the map still reads its border row, as grid_sample's zero padding does.
     inputs = make_inputs(1, 7, 2, 24, [(5, 4), (3, 2)], 2)
@@ -90,7 +90,7 @@ def test_msda_non_finite_and_far_locations(device):
     locations[:, :, :, :, :, 0] = bad.view(1, 7, 1, 1, 1).to(locations.dtype)
     locations[0, 3, 1, 1, 0, 1] = float("nan")  # a NaN y with a finite x
     expected = reference64(value, spatial_shapes, level_start_index, locations, weights, grad_output)
-    actual = run(triton_kernel, *to(device, inputs))
+    actual = run(triton_kernel, *to(triton_device, inputs))
     for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
         assert torch.isfinite(a).all(), name
         assert_close_scaled(a.cpu(), e, 2e-5, name)
@@ -99,26 +99,27 @@ def test_msda_non_finite_and_far_locations(device):
 
 
 @pytest.mark.parametrize("batch,queries", [(0, 5), (2, 0)])
-def test_msda_empty_batch_or_queries(device, batch, queries):
-    inputs = to(device, make_inputs(batch, queries, 2, 24, [(3, 4)], 2))
+def test_msda_empty_batch_or_queries(triton_device, batch, queries):
+    inputs = to(triton_device, make_inputs(batch, queries, 2, 24, [(3, 4)], 2))
     out, grad_value, grad_locations, grad_weights = run(triton_kernel, *inputs)
     assert out.shape == (batch, queries, 48)
     assert grad_value.shape == inputs[0].shape and not grad_value.any()
     assert grad_locations.shape == inputs[3].shape and grad_weights.shape == inputs[4].shape
 
 
-def test_msda_inconsistent_levels_never_read_out_of_bounds(device):
+def test_msda_inconsistent_levels_never_read_out_of_bounds(triton_device):
     # A direct op call skips the wrapper's level check; the kernels treat a level that does not fit value as empty.
-    value, spatial_shapes, level_start_index, locations, weights, _ = to(device, make_inputs(1, 4, 1, 24, [(3, 3)], 2))
-    too_big = torch.tensor([[30, 30]], device=device)
+    value, spatial_shapes, level_start_index, locations, weights, _ = to(
+        triton_device, make_inputs(1, 4, 1, 24, [(3, 3)], 2))
+    too_big = torch.tensor([[30, 30]], device=triton_device)
     out = torch.ops.mpseg_triton.ms_deform_attn(value, too_big, level_start_index, locations, weights)
     assert not out.any()
 
 
-def test_msda_tuning_and_64bit_index_path_give_the_same_result(device, monkeypatch):
+def test_msda_tuning_and_64bit_index_path_give_the_same_result(triton_device, monkeypatch):
     # Block sizes are tuning parameters, and the 64-bit offset path (for tensors past 2**31 elements) is the same
     # arithmetic: small blocks and forced 64-bit offsets agree with the defaults.
-    inputs = to(device, make_inputs(2, 9, 3, 24, [(5, 6), (2, 3)], 3, seed=4))
+    inputs = to(triton_device, make_inputs(2, 9, 3, 24, [(5, 6), (2, 3)], 3, seed=4))
     default = run(triton_kernel, *inputs)
     monkeypatch.setattr(_triton.TUNING, "msda_forward_block", 64)
     monkeypatch.setattr(_triton.TUNING, "msda_backward_block", 32)
@@ -128,9 +129,9 @@ def test_msda_tuning_and_64bit_index_path_give_the_same_result(device, monkeypat
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
 
 
-def test_msda_opcheck(device):
+def test_msda_opcheck(triton_device):
     value, spatial_shapes, level_start_index, locations, weights, grad_output = to(
-        device, make_inputs(1, 3, 2, 24, [(3, 4), (2, 2)], 2))
+        triton_device, make_inputs(1, 3, 2, 24, [(3, 4), (2, 2)], 2))
     value.requires_grad_()
     locations.requires_grad_()
     weights.requires_grad_()
@@ -141,8 +142,8 @@ def test_msda_opcheck(device):
                            weights.detach()))
 
 
-def test_msda_compile_fullgraph_matches_eager(device):
-    inputs = to(device, make_inputs(1, 4, 2, 24, [(4, 5), (2, 3)], 2, seed=9))
+def test_msda_compile_fullgraph_matches_eager(triton_device):
+    inputs = to(triton_device, make_inputs(1, 4, 2, 24, [(4, 5), (2, 3)], 2, seed=9))
 
     def fn(value, spatial_shapes, level_start_index, locations, weights):
         return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend="triton") * 2
@@ -154,16 +155,18 @@ def test_msda_compile_fullgraph_matches_eager(device):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_msda_autocast_runs_in_float32(device):
-    value, spatial_shapes, level_start_index, locations, weights, _ = to(device, make_inputs(1, 4, 2, 24, [(4, 4)], 2))
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+def test_msda_autocast_runs_in_float32(triton_device):
+    value, spatial_shapes, level_start_index, locations, weights, _ = to(
+        triton_device, make_inputs(1, 4, 2, 24, [(4, 4)], 2))
+    with torch.autocast(triton_device.type, dtype=torch.bfloat16):
         out = triton_kernel(value.bfloat16(), spatial_shapes, level_start_index, locations.bfloat16(),
                             weights.bfloat16())
     assert out.dtype == torch.float32
 
 
-def test_msda_double_backward_raises(device):
-    value, spatial_shapes, level_start_index, locations, weights, _ = to(device, make_inputs(1, 3, 1, 24, [(3, 3)], 1))
+def test_msda_double_backward_raises(triton_device):
+    value, spatial_shapes, level_start_index, locations, weights, _ = to(
+        triton_device, make_inputs(1, 3, 1, 24, [(3, 3)], 1))
     value.requires_grad_()
     out = triton_kernel(value, spatial_shapes, level_start_index, locations, weights)
     (grad,) = torch.autograd.grad(out.sum(), value, create_graph=True)
@@ -181,8 +184,8 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_backend_selection_by_context_and_environment(device, monkeypatch):
-    inputs = to(device, make_inputs(1, 3, 2, 24, [(3, 4)], 2))[:5]
+def test_backend_selection_by_context_and_environment(triton_device, monkeypatch):
+    inputs = to(triton_device, make_inputs(1, 3, 2, 24, [(3, 4)], 2))[:5]
     with use_backend("triton"), _OpLog() as log:
         out = ms_deform_attn(*inputs)
     assert "mpseg_triton.ms_deform_attn" in log.names
@@ -191,7 +194,7 @@ def test_backend_selection_by_context_and_environment(device, monkeypatch):
     monkeypatch.setenv("MPSEG_MSDA_BACKEND", "triton")
     monkeypatch.setattr(_config, "_MSDA_BACKEND", _config._read_env_backend()[0])
     assert _config.msda_backend() == "triton"
-    assert "triton" in mpseg.available_backends(device)
+    assert "triton" in mpseg.available_backends(triton_device)
     # The automatic choice never picks Triton.
     monkeypatch.setattr(_config, "_MSDA_BACKEND", None)
     with _OpLog() as log:
@@ -275,13 +278,14 @@ def test_selection_ties_nan_and_extremes(interpreted_ops):
     _check_selection_edges(interpreted_ops)
 
 
-def test_point_kernels_on_device_equal_the_cpu_paths(device):
+def test_point_kernels_on_device_equal_the_cpu_paths(triton_device):
     g = torch.Generator().manual_seed(31)
     masks = torch.rand(4, 13, 9, generator=g) > 0.5
     coords = torch.rand(3, 70, 2, generator=g) * 1.4 - 0.2
     index = torch.tensor([3, 0, 3])
     with use_backend("triton"):
-        values = mpseg.sample_masks_at_points(masks.to(device), coords.to(device), mask_index=index.to(device),
+        values = mpseg.sample_masks_at_points(masks.to(triton_device), coords.to(triton_device),
+                                              mask_index=index.to(triton_device),
                                               canvas_size=(15, 10))
     expected = ps._sample_masks_at_points_torch(masks, coords, index, (15, 10), torch.float32)
     torch.testing.assert_close(values.cpu(), expected, rtol=0, atol=0)
@@ -289,8 +293,10 @@ def test_point_kernels_on_device_equal_the_cpu_paths(device):
     # arithmetic, ties to the first candidates) and to the PyTorch path's up to rounding ties.
     logits = torch.randn(5, 1, 11, 13, generator=g, dtype=torch.float64)
     with use_backend("triton"):
-        ours = mpseg.sample_uncertain_points(logits.to(device), 40, generator=torch.Generator(device).manual_seed(3))
-    candidates = ps.uniform_points(5, 120, device=device, generator=torch.Generator(device).manual_seed(3)).cpu()
+        ours = mpseg.sample_uncertain_points(logits.to(triton_device), 40,
+                                             generator=torch.Generator(triton_device).manual_seed(3))
+    candidates = ps.uniform_points(5, 120, device=triton_device,
+                                   generator=torch.Generator(triton_device).manual_seed(3)).cpu()
     assert ours.shape == (5, 40, 2)
     kept = ps._select_uncertain_points_torch(logits, candidates, 30, ps.logit_uncertainty)
     for n in range(5):
@@ -300,13 +306,13 @@ def test_point_kernels_on_device_equal_the_cpu_paths(device):
         torch.testing.assert_close(ours[:, :30].cpu(), cpp, rtol=0, atol=0)
 
 
-def test_point_kernels_opcheck_and_compile(device):
+def test_point_kernels_opcheck_and_compile(triton_device):
     triton_ops = torch.ops.mpseg_triton
     g = torch.Generator().manual_seed(24)
-    masks = (torch.rand(3, 9, 11, generator=g) > 0.5).to(device)
-    coords = torch.rand(4, 20, 2, generator=g).to(device)
-    index = torch.tensor([2, 0, 1, 2], device=device)
-    logits = torch.randn(4, 6, 7, generator=g).to(device)
+    masks = (torch.rand(3, 9, 11, generator=g) > 0.5).to(triton_device)
+    coords = torch.rand(4, 20, 2, generator=g).to(triton_device)
+    index = torch.tensor([2, 0, 1, 2], device=triton_device)
+    logits = torch.randn(4, 6, 7, generator=g).to(triton_device)
     torch.library.opcheck(triton_ops._sample_masks_at_points, (masks, coords, index, 10, 12))
     torch.library.opcheck(triton_ops._select_uncertain_points, (logits, coords, 5))
 
