@@ -17,6 +17,13 @@ import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+if not torch.cuda.is_available():
+    # Triton decides between compiled and interpreted language functions (tl.cdiv, ...) once, when triton is first
+    # imported. Other tests import it indirectly (torch.compile's Inductor probes for it), so without a GPU the
+    # interpreter is switched on for the whole test process before anything can import triton; the Triton tests then
+    # run under it whatever the order (tests/test_triton_backend.py). mpseg itself still reads the variable per call.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # `make test-sanitize` runs the tests marked `sanitize` against an AddressSanitizer/UBSan build of the C++ ops.
