@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, **env}
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}  # conftest's
+    environment.update(env)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                             env=environment, cwd=ROOT, timeout=300)
@@ -77,7 +78,8 @@ def test_info_reports_build_and_backends():
     assert info["backends"][0] == "cpu" and info["backends"][-1] == "reference"
 
 
-def test_build_info_in_process_matches_torch():
+def test_build_info_in_process_matches_torch(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # set by conftest without a GPU: Triton would list for CPU
     assert _extension.load().loaded
     built = _extension.build_info()
     assert built["torch_version"] == torch.__version__.split("+")[0]
