@@ -1,7 +1,9 @@
 # Copyright 2026 mpseg developers. Licensed under the Apache License, Version 2.0.
 """Builds the ``mpseg._C`` extension from ``csrc/``. Metadata lives in ``pyproject.toml``.
 
-Install with ``pip install --no-build-isolation -e .`` so the extension is compiled against the torch you run.
+The extension uses only PyTorch's stable ABI and Python's limited API (see ``csrc/stable_api.h``): one build loads on
+every torch from the supported minimum on and every CPython >= 3.10, so the wheel is tagged ``cp310-abi3`` and build
+isolation (which builds against whatever torch pip picks) cannot produce a mismatch.
 Environment: ``MPSEG_NO_EXT=1`` (pure Python), ``FORCE_CUDA=1`` / ``MPSEG_NO_CUDA=1``, ``TORCH_CUDA_ARCH_LIST``,
 ``CUDA_HOME``, ``MPSEG_SANITIZE=1`` (AddressSanitizer + UBSan, CPU only), ``MAX_JOBS``.
 """
@@ -54,7 +56,7 @@ def extensions():
         # -fopenmp in both lists (from _build_config): without it at::parallel_for silently runs one thread.
         extra_compile_args=cfg.compile_args(with_cuda),
         extra_link_args=cfg.link_args(),
-        py_limited_api=False,
+        py_limited_api=True,
     )
     print(f"mpseg: building mpseg._C ({'C++ + CUDA' if with_cuda else 'C++ only'}; CUDA_HOME={cuda_home}; "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
@@ -63,4 +65,6 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 cmdclass["build_py"] = BuildPyWithSources
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# abi3: the wheel's tag says "any CPython >= 3.10" (a pure-Python build, MPSEG_NO_EXT=1, stays py3-none-any).
+options = {"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {}
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_CUDA_ARCH_LIST",
+    "STABLE_ABI_TARGET",
+    "PY_LIMITED_API",
     "find_csrc",
     "find_cuda_home",
     "sources",
@@ -27,6 +29,14 @@ __all__ = [
 # Turing to Hopper plus PTX for newer GPUs (CUDA 13 dropped everything before Turing). Every architecture adds nvcc
 # time; set TORCH_CUDA_ARCH_LIST to just your GPU for a faster build.
 DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+# The extension is built against PyTorch's stable ABI (csrc/stable_api.h): TORCH_TARGET_VERSION makes the headers offer
+# only what torch 2.10 already had (torch::stable::parallel_for, empty, new_zeros, ...), so the binary calls no shim
+# that an older supported torch lacks. The oldest torch the package supports (pyproject.toml) is newer still: 2.10 is
+# what the code needs, the lower bound is what the install test proves.
+STABLE_ABI_TARGET = (2, 10)
+# CPython's limited API (abi3) from 3.10 on: one wheel for every CPython >= 3.10.
+PY_LIMITED_API = "0x030A0000"
 
 
 def find_csrc() -> Path | None:
@@ -96,17 +106,25 @@ def _sanitize() -> bool:
     return os.environ.get("MPSEG_SANITIZE", "0") == "1"
 
 
+def _abi_defines() -> list[str]:
+    major, minor = STABLE_ABI_TARGET
+    return [f"-DTORCH_TARGET_VERSION=0x{major:02x}{minor:02x}000000000000", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
+
+
 def compile_args(with_cuda: bool) -> dict[str, list[str]]:
     """Compiler flags. No ``-std`` is forced: torch's build helpers choose the standard its headers need (C++20)."""
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     if _sanitize():
         cxx = ["-O1", "-g", "-fopenmp", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
                "-fno-sanitize-recover=undefined", "-DMPSEG_SANITIZE"]
+    cxx += _abi_defines()
     if with_cuda:
         cxx.append("-DMPSEG_WITH_CUDA")
     args = {"cxx": cxx}
     if with_cuda:
-        args["nvcc"] = ["-O3", "-DMPSEG_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
+        # USE_CUDA: torch's stable C shim declares its CUDA calls (the current stream) under it.
+        args["nvcc"] = ["-O3", "-DMPSEG_WITH_CUDA", "-DUSE_CUDA", "--expt-relaxed-constexpr", "-lineinfo",
+                        *_abi_defines()]
     return args
 
 

@@ -50,6 +50,7 @@ _STATUS = ExtensionStatus()
 _LOCK = threading.Lock()
 _WARNED = False
 _BUILD_INFO: dict | None = None
+_MODULE = None  # the loaded extension module (mpseg._C, or the just-in-time build's module)
 
 
 def _mode() -> str:
@@ -57,8 +58,9 @@ def _mode() -> str:
 
 
 def _load_prebuilt() -> str:
-    module = importlib.import_module("mpseg._C")
-    return getattr(module, "__file__", "mpseg._C")
+    global _MODULE
+    _MODULE = importlib.import_module("mpseg._C")
+    return getattr(_MODULE, "__file__", "mpseg._C")
 
 
 def _cache_dir(csrc: Path, with_cuda: bool) -> Path:
@@ -94,7 +96,9 @@ def _load_jit() -> str:
     print(f"mpseg: compiling the C++{'/CUDA' if with_cuda else ''} ops just in time into {build_dir} "
           "(once; install with `pip install --no-build-isolation .` to skip this)", file=sys.stderr)
     flags = _build_config.compile_args(with_cuda)
-    cpp_extension.load(
+    global _MODULE
+    # A Python module (its init function is named after TORCH_EXTENSION_NAME, here mpseg_C) with build_info().
+    _MODULE = cpp_extension.load(
         name="mpseg_C",
         sources=_build_config.sources(csrc, with_cuda),
         extra_include_paths=[str(csrc)],
@@ -103,7 +107,7 @@ def _load_jit() -> str:
         extra_ldflags=_build_config.link_args(),
         with_cuda=with_cuda,
         build_directory=str(build_dir),
-        is_python_module=False,
+        is_python_module=True,
         verbose=False,
     )
     return str(build_dir)
@@ -143,7 +147,6 @@ def load() -> ExtensionStatus:
 
             register_msda()
             register_point_ops()
-            # Cache now: a first call of this op while torch.export traces would be recorded in the graph.
             build_info()
     return _STATUS
 
@@ -179,8 +182,12 @@ def warn_fallback_once(what: str) -> None:
 
 
 def build_info() -> dict:
-    """What the loaded extension was built with (torch version, CUDA, archs, OpenMP), or ``{}`` if none is loaded."""
+    """What the loaded extension was built with, or ``{}`` if none is loaded.
+
+    Keys: ``torch_version`` (the torch whose headers built it), ``stable_abi_target`` (the oldest torch whose stable ABI
+    it needs), ``with_cuda``, ``cuda_version``, ``cuda_archs``, ``openmp``, ``num_threads``, ``sanitize``, ``compiler``.
+    """
     global _BUILD_INFO
     if _BUILD_INFO is None:
-        _BUILD_INFO = json.loads(torch.ops.mpseg._build_info()) if load().loaded else {}
+        _BUILD_INFO = json.loads(_MODULE.build_info()) if load().loaded else {}
     return dict(_BUILD_INFO)

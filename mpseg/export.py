@@ -162,9 +162,8 @@ def export_inference(
             f"features must have batch size >= 2 to export a dynamic batch (torch.export specialises size 1), "
             f"got {features[0].shape[0]}; pass dynamic_batch=False for a fixed batch of 1"
         )
-    # mpseg.ms_deform_attn chooses its backend in Python, reading the extension's build info through the custom op
-    # mpseg._build_info on first use. Non-strict export would record that call as a (dead) graph node, so that the
-    # "decomposed" program still named an mpseg op; reading it once here, outside tracing, caches it.
+    # mpseg.ms_deform_attn chooses its backend in Python, loading the extension (which registers its ops and Python
+    # rules) and reading its build info on first use; doing that once here, outside tracing, keeps it out of the trace.
     _extension.build_info()
     model = InferenceModel(pixel_decoder, decoder)
     was_training = (pixel_decoder.training, decoder.training)

@@ -127,3 +127,60 @@ def test_kernels_are_registered_for_every_dispatch_key():
         assert has_kernel("mpseg::_ms_deform_attn_backward", key), key
     for key in ("AutocastCPU", "AutocastCUDA"):
         assert has_kernel("mpseg::ms_deform_attn", key), key
+
+
+# Symbols the compiled extension may import: PyTorch's stable C shims, CPython's limited API (abi3), and the C/C++
+# runtime (libc, libm, libstdc++, libgcc, libgomp, the CUDA runtime). No libtorch C++ symbol (c10::, at::, torch::) and
+# no CPython call outside the limited API: the two guarantees behind "one binary for every torch >= 2.13 and every
+# CPython >= 3.10".
+_RUNTIME_CXX_PREFIXES = ("std::", "vtable for std::", "typeinfo for std::", "VTT for std::", "construction vtable",
+                         "__gnu_cxx::", "__cxxabiv1::", "vtable for __cxxabiv1::", "typeinfo for __cxxabiv1::",
+                         "operator new", "operator delete")
+
+
+def _undefined_symbols(path: str) -> list[str]:
+    out = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True, text=True, check=True).stdout
+    return sorted({line.split()[-1].split("@")[0] for line in out.splitlines() if line.strip()})
+
+
+# The CPython calls the extension makes (csrc/mpseg.cpp), all in the limited API (abi3) since 3.2. Py_LIMITED_API at
+# compile time already hides everything else; this list keeps the binary honest too (only limited-API names belong here).
+_LIMITED_API_USED = {"PyModule_Create2", "PyUnicode_FromString", "PyErr_SetString", "PyExc_RuntimeError"}
+
+
+def _disallowed_imports(symbols: list[str]) -> list[str]:
+    mangled = [s for s in symbols if s.startswith("_Z")]
+    demangled = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True,
+                               check=True).stdout.splitlines() if mangled else []
+    bad = [f"{m} ({d})" for m, d in zip(mangled, demangled) if not d.startswith(_RUNTIME_CXX_PREFIXES)]
+    for symbol in symbols:
+        if symbol.startswith("_Z"):
+            continue
+        if symbol.startswith(("Py", "_Py")) and symbol not in _LIMITED_API_USED:
+            bad.append(f"{symbol} (not in CPython's limited API)")
+        elif symbol.startswith(("at_", "c10_", "THP")):
+            bad.append(symbol)
+    return bad
+
+
+def test_symbol_check_catches_libtorch_and_full_python_api():
+    # The check itself: a libtorch C++ symbol and a CPython call outside the limited API are caught, the shims not.
+    symbols = ["aoti_torch_get_sizes", "torch_parallel_for", "memcpy", "PyModule_Create2", "PyUnicode_FromString",
+               "_ZNSt13runtime_errorD1Ev", "_ZN3c105ErrorC1ENS_14SourceLocationENSt7__cxx1112basic_stringIcSt11char_"
+               "traitsIcESaIcEEE", "_PyObject_GC_New"]
+    bad = _disallowed_imports(symbols)
+    assert len(bad) == 2, bad
+    assert "c10::Error" in bad[0] and bad[1].startswith("_PyObject_GC_New")
+
+
+def test_extension_imports_only_stable_abi_symbols():
+    status = _extension.load()
+    assert status.loaded, status.reason()
+    path = status.path if status.source == "prebuilt" else str(next(Path(status.path).glob("*.so")))
+    symbols = _undefined_symbols(path)
+    assert any(s.startswith("aoti_torch_") for s in symbols), symbols[:20]  # the stable shims are what it calls
+    assert _disallowed_imports(symbols) == []
+    built = _extension.build_info()
+    assert built["stable_abi_target"] == "2.10", built
+    if status.source == "prebuilt":
+        assert Path(path).name.endswith(".abi3.so"), path  # setuptools names limited-API builds so

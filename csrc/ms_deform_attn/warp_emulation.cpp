@@ -6,10 +6,9 @@
 // butterfly_sum_host (the same summation order) and atomicAdd by a plain add. No GPU has run the CUDA kernel in this
 // project's CI; this op lets the CPU tests check everything of it but the shuffle and atomic instructions themselves
 // against the float64 oracle (tests/test_cuda_decomposition.py).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/core/Dispatch_v2.h>
 
 #include <cstdint>
 #include <tuple>
@@ -33,9 +32,9 @@ struct PlainAdd {
 template <typename scalar_t, typename index_t>
 void emulate_backward(const scalar_t* grad_output, const scalar_t* value, const int64_t* shapes,
                       const int64_t* starts, const scalar_t* locations, const scalar_t* weights,
-                      at::opmath_type<scalar_t>* grad_value, scalar_t* grad_locations, scalar_t* grad_weights,
+                      acc_type<scalar_t>* grad_value, scalar_t* grad_locations, scalar_t* grad_weights,
                       const Sizes& sizes) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using opmath_t = acc_type<scalar_t>;
   const index_t rows = static_cast<index_t>(sizes.rows), heads = static_cast<index_t>(sizes.heads);
   const index_t channels = static_cast<index_t>(sizes.channels), queries = static_cast<index_t>(sizes.queries);
   const index_t points = static_cast<index_t>(sizes.points);
@@ -86,7 +85,7 @@ void emulate_backward(const scalar_t* grad_output, const scalar_t* value, const 
           // The group's other lanes hold the same sums (the property the kernel relies on: any lane may write).
           for (int other = lane + 1; other < lane + split.group; ++other) {
             for (int c = 0; c < 4; ++c) {
-              TORCH_CHECK(dot[c][other] == sums[c], "warp emulation: lanes of one group disagree after the butterfly");
+              MPSEG_CHECK(dot[c][other] == sums[c], "warp emulation: lanes of one group disagree after the butterfly");
             }
           }
           sample_gradients(s[lane], sums, attention[lane], height[lane], width[lane], &grad_attention, &grad_x,
@@ -101,34 +100,34 @@ void emulate_backward(const scalar_t* grad_output, const scalar_t* value, const 
 }
 
 // index_bits: 32 or 64 forces that index path (32 must fit, see fits_int32); 0 chooses as the CUDA op does.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_warp_emulation(
-    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+std::tuple<Tensor, Tensor, Tensor> backward_warp_emulation(
+    const Tensor& grad_output, const Tensor& value, const Tensor& spatial_shapes,
+    const Tensor& level_start_index, const Tensor& sampling_locations, const Tensor& attention_weights,
     int64_t index_bits) {
   const Sizes n =
       check_backward_inputs(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(value.device().is_cpu(), "_ms_deform_attn_backward_warp_emulation: CPU tensors only, got ",
-              value.device());
-  TORCH_CHECK(index_bits == 0 || index_bits == 32 || index_bits == 64,
+  MPSEG_CHECK(value.is_cpu(), "_ms_deform_attn_backward_warp_emulation: CPU tensors only, got ",
+              device_of(value));
+  MPSEG_CHECK(index_bits == 0 || index_bits == 32 || index_bits == 64,
               "_ms_deform_attn_backward_warp_emulation: index_bits must be 0, 32 or 64, got ", index_bits);
   const int64_t total = n.batch * n.queries * n.heads * n.levels * n.points;
   const bool fits = fits_int32(value.numel(), total, grad_output.numel());
-  TORCH_CHECK(index_bits != 32 || fits, "_ms_deform_attn_backward_warp_emulation: sizes need 64-bit indices");
+  MPSEG_CHECK(index_bits != 32 || fits, "_ms_deform_attn_backward_warp_emulation: sizes need 64-bit indices");
   const bool use_int32 = index_bits == 32 || (index_bits == 0 && fits);
-  at::Tensor grad_value = at::zeros_like(value, at::MemoryFormat::Contiguous);
-  at::Tensor grad_locations = at::zeros_like(sampling_locations, at::MemoryFormat::Contiguous);
-  at::Tensor grad_weights = at::zeros_like(attention_weights, at::MemoryFormat::Contiguous);
+  Tensor grad_value = zeros_like(value);
+  Tensor grad_locations = zeros_like(sampling_locations);
+  Tensor grad_weights = zeros_like(attention_weights);
   if (total == 0 || value.numel() == 0) return {grad_value, grad_locations, grad_weights};
-  const at::Tensor g = grad_output.contiguous(), v = value.contiguous(), loc = sampling_locations.contiguous();
-  const at::Tensor w = attention_weights.contiguous();
-  const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "warp_emulation", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const bool reduced = !std::is_same_v<opmath_t, scalar_t>;
-    at::Tensor acc = reduced ? at::zeros(value.sizes(), value.options().dtype(c10::CppTypeToScalarType<opmath_t>()))
+  const Tensor g = torch::stable::contiguous(grad_output), v = torch::stable::contiguous(value), loc = torch::stable::contiguous(sampling_locations);
+  const Tensor w = torch::stable::contiguous(attention_weights);
+  const Tensor shapes = torch::stable::contiguous(spatial_shapes), starts = torch::stable::contiguous(level_start_index);
+  THO_DISPATCH_V2(value.scalar_type(), "warp_emulation", AT_WRAP([&] {
+    using opmath_t = acc_type<scalar_t>;
+    const bool reduced = !(std::is_same_v<opmath_t, scalar_t>);  // parenthesised: a macro argument
+    Tensor acc = reduced ? zeros(value, value.sizes(), scalar_type_of<opmath_t>())
                              : grad_value;
     auto run = [&](auto index) {
-      emulate_backward<scalar_t, decltype(index)>(
+      (emulate_backward<scalar_t, decltype(index)>)(
           g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
           starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
           acc.mutable_data_ptr<opmath_t>(), grad_locations.mutable_data_ptr<scalar_t>(),
@@ -139,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_warp_emulation(
     } else {
       run(int64_t{0});
     }
-    if (reduced) grad_value.copy_(acc);
-  });
+    if (reduced) torch::stable::copy_(grad_value, acc);
+  }), AT_FLOATING_TYPES, ScalarType::Half, ScalarType::BFloat16);
   return {grad_value, grad_locations, grad_weights};
 }
 
@@ -153,18 +152,24 @@ std::vector<int64_t> warp_plan(int64_t channels, int64_t value_elements, int64_t
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mpseg, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(mpseg, m) {
   // Test-only (see the top of this file). Like the CUDA op, the emulation does not check the level metadata against
   // value on the host; level_in_bounds keeps every read and write inside value.
   m.def(
       "_ms_deform_attn_backward_warp_emulation(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, int index_bits) "
       "-> (Tensor, Tensor, Tensor)");
-  m.def("_ms_deform_attn_warp_plan(int channels, int value_elements, int samples, int output_elements) -> int[]",
-        &warp_plan);
+  m.def("_ms_deform_attn_warp_plan(int channels, int value_elements, int samples, int output_elements) -> int[]");
 }
 
-TORCH_LIBRARY_IMPL(mpseg, CPU, m) { m.impl("_ms_deform_attn_backward_warp_emulation", &backward_warp_emulation); }
+STABLE_TORCH_LIBRARY_IMPL(mpseg, CPU, m) {
+  m.impl("_ms_deform_attn_backward_warp_emulation", TORCH_BOX(&backward_warp_emulation));
+}
+
+// No tensor argument: one kernel for every backend.
+STABLE_TORCH_LIBRARY_IMPL(mpseg, CompositeExplicitAutograd, m) {
+  m.impl("_ms_deform_attn_warp_plan", TORCH_BOX(&warp_plan));
+}
 
 }  // namespace msda
 }  // namespace mpseg

@@ -1,17 +1,15 @@
 // Copyright 2026 mpseg developers. Licensed under the Apache License, Version 2.0.
 //
 // CPU kernels of mpseg::ms_deform_attn. Arithmetic per sample comes from ../sampling.h (shared with CUDA); this file
-// owns the loops. Reduced precision (bf16/fp16) accumulates in float (at::opmath_type).
+// owns the loops. Reduced precision (bf16/fp16) accumulates in float (acc_type, as ATen's opmath_type).
 //
 // Determinism: the backward uses no atomics and no thread-count-dependent reduction. Work is split into units
 // (batch b, head m, level l); a unit owns grad_value[b, rows of level l, m, :] (disjoint from every other unit's rows)
 // and the location/attention gradients of its samples, and visits its samples in a fixed order. So two runs give
 // bit-identical gradients whatever the number of threads. Every unit handles Q * P samples, so the split is balanced.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/core/Dispatch_v2.h>
 
 #include <cstring>
 #include <type_traits>
@@ -86,12 +84,12 @@ inline void weighted_row_sum(const scalar_t* const* __restrict__ rows, const opm
 template <typename scalar_t>
 void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts, const scalar_t* locations,
                     const scalar_t* weights, scalar_t* output, const Sizes& n) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using opmath_t = acc_type<scalar_t>;
   const int64_t row_stride = n.heads * n.channels;  // value rows: [S, M, D]
   const int64_t samples = n.levels * n.points;
   // One task = one (b, q, m): D outputs from up to 4*L*P value rows.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, samples * n.channels));
-  at::parallel_for(0, n.batch * n.queries * n.heads, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, n.batch * n.queries * n.heads, grain, [&](int64_t begin, int64_t end) {
     // The task's corner rows and their weights (attention * bilinear), gathered first, then summed channel-block-wise.
     std::vector<const scalar_t*> rows(4 * samples);
     std::vector<opmath_t> row_weights(4 * samples);
@@ -170,12 +168,12 @@ constexpr int64_t kPrefetchQueries = 16;
 
 template <typename scalar_t>
 void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
-                     const scalar_t* locations, const scalar_t* weights, at::opmath_type<scalar_t>* grad_value_acc,
+                     const scalar_t* locations, const scalar_t* weights, acc_type<scalar_t>* grad_value_acc,
                      scalar_t* grad_locations, scalar_t* grad_weights, const Sizes& n) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using opmath_t = acc_type<scalar_t>;
   const int64_t row_stride = n.heads * n.channels;
   const int64_t samples = n.levels * n.points;
-  at::parallel_for(0, n.batch * n.heads * n.levels, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, n.batch * n.heads * n.levels, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> grad(n.channels);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t l = unit % n.levels;
@@ -232,65 +230,65 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
   });
 }
 
-at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+Tensor forward_cpu(const Tensor& value, const Tensor& spatial_shapes, const Tensor& level_start_index,
+                       const Tensor& sampling_locations, const Tensor& attention_weights) {
   const Sizes n = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const at::Tensor shapes = spatial_shapes.contiguous();
-  const at::Tensor starts = level_start_index.contiguous();
+  const Tensor shapes = torch::stable::contiguous(spatial_shapes);
+  const Tensor starts = torch::stable::contiguous(level_start_index);
   check_levels_host(shapes, starts, n.rows);
-  at::Tensor output = at::empty({n.batch, n.queries, n.heads * n.channels}, value.options());  // fully written
+  Tensor output = empty(value, {n.batch, n.queries, n.heads * n.channels}, value.scalar_type());  // fully written
   if (output.numel() == 0) return output;
-  const at::Tensor v = value.contiguous();
-  const at::Tensor loc = sampling_locations.contiguous();
-  const at::Tensor w = attention_weights.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+  const Tensor v = torch::stable::contiguous(value);
+  const Tensor loc = torch::stable::contiguous(sampling_locations);
+  const Tensor w = torch::stable::contiguous(attention_weights);
+  THO_DISPATCH_V2(value.scalar_type(), "ms_deform_attn_forward_cpu", AT_WRAP([&] {
     forward_kernel<scalar_t>(v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
                              starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
                              w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
-  });
+  }), AT_FLOATING_TYPES, ScalarType::Half, ScalarType::BFloat16);
   return output;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_output, const at::Tensor& value,
-                                                            const at::Tensor& spatial_shapes,
-                                                            const at::Tensor& level_start_index,
-                                                            const at::Tensor& sampling_locations,
-                                                            const at::Tensor& attention_weights) {
+std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_output, const Tensor& value,
+                                                            const Tensor& spatial_shapes,
+                                                            const Tensor& level_start_index,
+                                                            const Tensor& sampling_locations,
+                                                            const Tensor& attention_weights) {
   const Sizes n =
       check_backward_inputs(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const at::Tensor shapes = spatial_shapes.contiguous();
-  const at::Tensor starts = level_start_index.contiguous();
+  const Tensor shapes = torch::stable::contiguous(spatial_shapes);
+  const Tensor starts = torch::stable::contiguous(level_start_index);
   check_levels_host(shapes, starts, n.rows);
-  at::Tensor grad_value = at::zeros_like(value, at::MemoryFormat::Contiguous);
-  at::Tensor grad_locations = at::zeros_like(sampling_locations, at::MemoryFormat::Contiguous);
-  at::Tensor grad_weights = at::zeros_like(attention_weights, at::MemoryFormat::Contiguous);
+  Tensor grad_value = zeros_like(value);
+  Tensor grad_locations = zeros_like(sampling_locations);
+  Tensor grad_weights = zeros_like(attention_weights);
   if (n.batch * n.queries * n.heads * n.levels * n.points == 0 || value.numel() == 0) {
     return {grad_value, grad_locations, grad_weights};
   }
-  const at::Tensor g = grad_output.contiguous();
-  const at::Tensor v = value.contiguous();
-  const at::Tensor loc = sampling_locations.contiguous();
-  const at::Tensor w = attention_weights.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const bool reduced = !std::is_same_v<opmath_t, scalar_t>;
-    at::Tensor acc = reduced ? at::zeros(value.sizes(), value.options().dtype(c10::CppTypeToScalarType<opmath_t>()))
+  const Tensor g = torch::stable::contiguous(grad_output);
+  const Tensor v = torch::stable::contiguous(value);
+  const Tensor loc = torch::stable::contiguous(sampling_locations);
+  const Tensor w = torch::stable::contiguous(attention_weights);
+  THO_DISPATCH_V2(value.scalar_type(), "ms_deform_attn_backward_cpu", AT_WRAP([&] {
+    using opmath_t = acc_type<scalar_t>;
+    const bool reduced = !(std::is_same_v<opmath_t, scalar_t>);  // parenthesised: a macro argument
+    Tensor acc = reduced ? zeros(value, value.sizes(), scalar_type_of<opmath_t>())
                              : grad_value;
     backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                               shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
                               loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                               acc.mutable_data_ptr<opmath_t>(), grad_locations.mutable_data_ptr<scalar_t>(),
                               grad_weights.mutable_data_ptr<scalar_t>(), n);
-    if (reduced) grad_value.copy_(acc);
-  });
+    if (reduced) torch::stable::copy_(grad_value, acc);
+  }), AT_FLOATING_TYPES, ScalarType::Half, ScalarType::BFloat16);
   return {grad_value, grad_locations, grad_weights};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mpseg, CPU, m) {
-  m.impl("ms_deform_attn", &forward_cpu);
-  m.impl("_ms_deform_attn_backward", &backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(mpseg, CPU, m) {
+  m.impl("ms_deform_attn", TORCH_BOX(&forward_cpu));
+  m.impl("_ms_deform_attn_backward", TORCH_BOX(&backward_cpu));
 }
 
 }  // namespace msda

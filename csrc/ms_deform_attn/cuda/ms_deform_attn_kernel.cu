@@ -8,25 +8,23 @@
 //   a warp's atomicAdds into grad_value hit consecutive channels of one row (coalesced), and each sample's location
 //   and weight gradients are sums over channels reduced with warp shuffles (an xor butterfly), written by one lane.
 //   grad_value is accumulated with atomicAdd on a float/double buffer (float for half types, rounded once at the
-//   end). Atomics make its summation order, hence its last bits, vary between runs: the op reports this to
-//   torch.use_deterministic_algorithms (warn or error, as the user chose). The CPU kernel is deterministic.
+//   end). Atomics make its summation order, hence its last bits, vary between runs: the op's autograd rule reports
+//   this to torch.use_deterministic_algorithms (warn or error, as the user chose). The CPU kernel is deterministic.
 // - Both kernels index with int32 when every offset of the call fits (fits_int32), int64 otherwise.
 // - Level metadata stays on the device (no host sync); kernels skip levels that do not fit value (level_in_bounds).
 //
 // The backward's decomposition (which lane takes which channels and samples, the butterfly's summation order) also
 // runs on the CPU in ../warp_emulation.cpp, which the CPU tests check against the float64 oracle.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/core/Dispatch_v2.h>
 
 #include <algorithm>
 #include <sstream>
 #include <string>
 
+#include "cuda_stable.h"
 #include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/sampling.h"
 
@@ -73,7 +71,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value, const int64_t
                                const int64_t* __restrict__ starts, const scalar_t* __restrict__ locations,
                                const scalar_t* __restrict__ weights, scalar_t* __restrict__ output,
                                IndexSizes<index_t> n) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using opmath_t = acc_type<scalar_t>;
   const index_t total = n.batch * n.queries * n.heads * n.channels;
   const index_t row_stride = n.heads * n.channels;
   const index_t samples = n.levels * n.points;
@@ -133,10 +131,10 @@ template <typename scalar_t, typename index_t>
 __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                                 const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
                                 const scalar_t* __restrict__ locations, const scalar_t* __restrict__ weights,
-                                at::opmath_type<scalar_t>* __restrict__ grad_value_acc,
+                                acc_type<scalar_t>* __restrict__ grad_value_acc,
                                 scalar_t* __restrict__ grad_locations, scalar_t* __restrict__ grad_weights,
                                 IndexSizes<index_t> n, WarpSplit split) {
-  using opmath_t = at::opmath_type<scalar_t>;
+  using opmath_t = acc_type<scalar_t>;
   const index_t tasks = n.batch * n.queries * n.heads;
   const index_t row_stride = n.heads * n.channels;
   const index_t samples = n.levels * n.points;
@@ -188,89 +186,88 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
   }
 }
 
-at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                        const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+Tensor forward_cuda(const Tensor& value, const Tensor& spatial_shapes, const Tensor& level_start_index,
+                        const Tensor& sampling_locations, const Tensor& attention_weights) {
   const Sizes n = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const c10::cuda::CUDAGuard guard(value.device());
-  at::Tensor output = at::empty({n.batch, n.queries, n.heads * n.channels}, value.options());  // fully written
+  const torch::stable::accelerator::DeviceGuard guard(value.get_device_index());
+  Tensor output = empty(value, {n.batch, n.queries, n.heads * n.channels}, value.scalar_type());  // fully written
   if (output.numel() == 0) return output;
-  const at::Tensor shapes = spatial_shapes.contiguous();
-  const at::Tensor starts = level_start_index.contiguous();
-  const at::Tensor v = value.contiguous();
-  const at::Tensor loc = sampling_locations.contiguous();
-  const at::Tensor w = attention_weights.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+  const Tensor shapes = torch::stable::contiguous(spatial_shapes);
+  const Tensor starts = torch::stable::contiguous(level_start_index);
+  const Tensor v = torch::stable::contiguous(value);
+  const Tensor loc = torch::stable::contiguous(sampling_locations);
+  const Tensor w = torch::stable::contiguous(attention_weights);
+  const cudaStream_t stream = current_stream(value.get_device_index());
+  THO_DISPATCH_V2(value.scalar_type(), "ms_deform_attn_forward_cuda", AT_WRAP([&] {
     auto launch = [&](auto index) {
       using index_t = decltype(index);
-      forward_kernel<scalar_t, index_t><<<blocks_for(output.numel()), kThreads, 0, stream>>>(
+      launch_kernel(forward_kernel<scalar_t, index_t>, blocks_for(output.numel()), kThreads, stream,
           v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
           loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
           IndexSizes<index_t>(n));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (fits_int32(v.numel(), w.numel(), output.numel())) {
       launch(int32_t{0});
     } else {
       launch(int64_t{0});
     }
-  });
+  }), AT_FLOATING_TYPES, ScalarType::Half, ScalarType::BFloat16);
   return output;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output, const at::Tensor& value,
-                                                             const at::Tensor& spatial_shapes,
-                                                             const at::Tensor& level_start_index,
-                                                             const at::Tensor& sampling_locations,
-                                                             const at::Tensor& attention_weights) {
+std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_output, const Tensor& value,
+                                                             const Tensor& spatial_shapes,
+                                                             const Tensor& level_start_index,
+                                                             const Tensor& sampling_locations,
+                                                             const Tensor& attention_weights) {
   const Sizes n =
       check_backward_inputs(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const c10::cuda::CUDAGuard guard(value.device());
-  at::Tensor grad_value = at::zeros_like(value, at::MemoryFormat::Contiguous);
-  at::Tensor grad_locations = at::zeros_like(sampling_locations, at::MemoryFormat::Contiguous);
-  at::Tensor grad_weights = at::zeros_like(attention_weights, at::MemoryFormat::Contiguous);
+  const torch::stable::accelerator::DeviceGuard guard(value.get_device_index());
+  Tensor grad_value = zeros_like(value);
+  Tensor grad_locations = zeros_like(sampling_locations);
+  Tensor grad_weights = zeros_like(attention_weights);
   const int64_t total = n.batch * n.queries * n.heads * n.levels * n.points;
   if (total == 0 || value.numel() == 0) return {grad_value, grad_locations, grad_weights};
-  at::globalContext().alertNotDeterministic("mpseg::_ms_deform_attn_backward (CUDA, atomicAdd into grad_value)");
-  const at::Tensor g = grad_output.contiguous();
-  const at::Tensor shapes = spatial_shapes.contiguous();
-  const at::Tensor starts = level_start_index.contiguous();
-  const at::Tensor v = value.contiguous();
-  const at::Tensor loc = sampling_locations.contiguous();
-  const at::Tensor w = attention_weights.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
+  // Non-deterministic (atomicAdd into grad_value): torch.use_deterministic_algorithms is honoured by the op's autograd
+  // rule in Python (mpseg/ops/ms_deform_attn.py), the stable ABI having no call for it.
+  const Tensor g = torch::stable::contiguous(grad_output);
+  const Tensor shapes = torch::stable::contiguous(spatial_shapes);
+  const Tensor starts = torch::stable::contiguous(level_start_index);
+  const Tensor v = torch::stable::contiguous(value);
+  const Tensor loc = torch::stable::contiguous(sampling_locations);
+  const Tensor w = torch::stable::contiguous(attention_weights);
+  const cudaStream_t stream = current_stream(value.get_device_index());
+  THO_DISPATCH_V2(value.scalar_type(), "ms_deform_attn_backward_cuda", AT_WRAP([&] {
+    using opmath_t = acc_type<scalar_t>;
     // Half-precision atomics would round every update; accumulate in float and round once.
-    const bool reduced = !std::is_same_v<opmath_t, scalar_t>;
-    at::Tensor acc = reduced ? at::zeros(value.sizes(), value.options().dtype(c10::CppTypeToScalarType<opmath_t>()))
+    const bool reduced = !(std::is_same_v<opmath_t, scalar_t>);  // parenthesised: a macro argument
+    Tensor acc = reduced ? zeros(value, value.sizes(), scalar_type_of<opmath_t>())
                              : grad_value;
     // One warp per task (b, q, m): kThreads / 32 tasks per block.
     const int64_t tasks = n.batch * n.queries * n.heads;
     auto launch = [&](auto index) {
       using index_t = decltype(index);
-      backward_kernel<scalar_t, index_t><<<blocks_for(tasks * kWarpLanes), kThreads, 0, stream>>>(
+      launch_kernel(backward_kernel<scalar_t, index_t>, blocks_for(tasks * kWarpLanes), kThreads, stream,
           g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
           starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
           acc.mutable_data_ptr<opmath_t>(), grad_locations.mutable_data_ptr<scalar_t>(),
           grad_weights.mutable_data_ptr<scalar_t>(), IndexSizes<index_t>(n), warp_split(n.channels));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (fits_int32(v.numel(), total, g.numel())) {
       launch(int32_t{0});
     } else {
       launch(int64_t{0});
     }
-    if (reduced) grad_value.copy_(acc);
-  });
+    if (reduced) torch::stable::copy_(grad_value, acc);
+  }), AT_FLOATING_TYPES, ScalarType::Half, ScalarType::BFloat16);
   return {grad_value, grad_locations, grad_weights};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mpseg, CUDA, m) {
-  m.impl("ms_deform_attn", &forward_cuda);
-  m.impl("_ms_deform_attn_backward", &backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(mpseg, CUDA, m) {
+  m.impl("ms_deform_attn", TORCH_BOX(&forward_cuda));
+  m.impl("_ms_deform_attn_backward", TORCH_BOX(&backward_cuda));
 }
 
 }  // namespace msda

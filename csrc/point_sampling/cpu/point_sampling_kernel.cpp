@@ -10,10 +10,9 @@
 //   bits that finds the bin holding the k-th largest, std::nth_element inside that bin only, and one pass that keeps
 //   the points above the k-th largest plus the first ones equal to it, in candidate order. O(S) per row with few
 //   unpredictable branches, where torch.topk partially sorts (value, index) pairs of the whole row.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/core/Dispatch_v2.h>
 
 #include <algorithm>
 #include <array>
@@ -30,32 +29,32 @@ namespace mpseg {
 namespace points {
 namespace {
 
-at::Tensor sample_masks_at_points_cpu(const at::Tensor& masks_in, const at::Tensor& coords_in,
-                                      const c10::optional<at::Tensor>& mask_index_in, int64_t canvas_h,
+Tensor sample_masks_at_points_cpu(const Tensor& masks_in, const Tensor& coords_in,
+                                      const std::optional<Tensor>& mask_index_in, int64_t canvas_h,
                                       int64_t canvas_w) {
   const MaskSizes n = check_mask_inputs(masks_in, coords_in, mask_index_in, canvas_h, canvas_w);
-  const at::Tensor masks = masks_in.contiguous();
-  const at::Tensor coords = coords_in.contiguous();
-  at::Tensor mask_index;
+  const Tensor masks = torch::stable::contiguous(masks_in);
+  const Tensor coords = torch::stable::contiguous(coords_in);
+  std::optional<Tensor> mask_index;
   if (mask_index_in.has_value()) {
-    mask_index = mask_index_in->contiguous();
-    const int64_t* index = mask_index.data_ptr<int64_t>();
+    mask_index = torch::stable::contiguous(*mask_index_in);
+    const int64_t* index = mask_index->const_data_ptr<int64_t>();
     for (int64_t r = 0; r < n.rows; ++r) {
-      TORCH_CHECK(index[r] >= 0 && index[r] < n.masks, "_sample_masks_at_points: mask_index[", r, "] = ", index[r],
+      MPSEG_CHECK(index[r] >= 0 && index[r] < n.masks, "_sample_masks_at_points: mask_index[", r, "] = ", index[r],
                   " is out of range for ", n.masks, " masks");
     }
   }
-  at::Tensor output = at::zeros({n.rows, n.points}, coords.options());
+  Tensor output = zeros(coords, {n.rows, n.points}, coords.scalar_type());
   if (n.rows == 0 || n.points == 0 || n.height * n.width == 0) return output;
-  const int64_t* index = mask_index.defined() ? mask_index.data_ptr<int64_t>() : nullptr;
+  const int64_t* index = mask_index.has_value() ? mask_index->const_data_ptr<int64_t>() : nullptr;
   const int64_t plane = n.height * n.width;
-  AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "_sample_masks_at_points_cpu", [&] {
+  THO_DISPATCH_V2(coords.scalar_type(), "_sample_masks_at_points_cpu", AT_WRAP([&] {
     using coord_t = scalar_t;
-    const coord_t* xy = coords.data_ptr<coord_t>();
-    coord_t* out = output.data_ptr<coord_t>();
-    AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, masks.scalar_type(), "_sample_masks_cpu", [&] {
-      const scalar_t* data = masks.data_ptr<scalar_t>();
-      at::parallel_for(0, n.rows * n.points, 4096, [&](int64_t begin, int64_t end) {
+    const coord_t* xy = coords.const_data_ptr<coord_t>();
+    coord_t* out = output.mutable_data_ptr<coord_t>();
+    THO_DISPATCH_V2(masks.scalar_type(), "_sample_masks_cpu", AT_WRAP([&] {
+      const scalar_t* data = masks.const_data_ptr<scalar_t>();
+      torch::stable::parallel_for(0, n.rows * n.points, 4096, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t r = i / n.points;
           const int64_t p = i % n.points;
@@ -64,8 +63,8 @@ at::Tensor sample_masks_at_points_cpu(const at::Tensor& masks_in, const at::Tens
           out[i] = bilinear<coord_t>(map, point[0], point[1], n.height, n.width, canvas_h, canvas_w);
         }
       });
-    });
-  });
+    }), AT_ALL_TYPES, ScalarType::Bool, ScalarType::Half, ScalarType::BFloat16);
+  }), AT_FLOATING_TYPES);
   return output;
 }
 
@@ -119,23 +118,23 @@ void keep_largest(const std::vector<U>& keys, const std::array<int64_t, (1 << kH
     out[2 * kept + 1] = coords[2 * s + 1];
     kept += take;
   }
-  TORCH_INTERNAL_ASSERT(kept == keep, "_select_uncertain_points: selected ", kept, " of ", keep);
+  MPSEG_CHECK(kept == keep, "_select_uncertain_points: selected ", kept, " of ", keep);
 }
 
-at::Tensor select_uncertain_points_cpu(const at::Tensor& logits_in, const at::Tensor& coords_in, int64_t keep) {
+Tensor select_uncertain_points_cpu(const Tensor& logits_in, const Tensor& coords_in, int64_t keep) {
   const SelectSizes n = check_select_inputs(logits_in, coords_in, keep);
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor coords = coords_in.contiguous();
-  at::Tensor output = at::empty({n.masks, n.keep, 2}, coords.options());
+  const Tensor logits = torch::stable::contiguous(logits_in);
+  const Tensor coords = torch::stable::contiguous(coords_in);
+  Tensor output = empty(coords, {n.masks, n.keep, 2}, coords.scalar_type());
   if (n.masks == 0 || n.keep == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "_select_uncertain_points_cpu", [&] {
+  THO_DISPATCH_V2(logits.scalar_type(), "_select_uncertain_points_cpu", AT_WRAP([&] {
     using logit_t = scalar_t;
-    const logit_t* maps = logits.data_ptr<logit_t>();
-    AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "_select_uncertain_points_cpu_coords", [&] {
-      const scalar_t* xy = coords.data_ptr<scalar_t>();
-      scalar_t* out = output.data_ptr<scalar_t>();
+    const logit_t* maps = logits.const_data_ptr<logit_t>();
+    THO_DISPATCH_V2(coords.scalar_type(), "_select_uncertain_points_cpu_coords", AT_WRAP([&] {
+      const scalar_t* xy = coords.const_data_ptr<scalar_t>();
+      scalar_t* out = output.mutable_data_ptr<scalar_t>();
       const int64_t plane = n.height * n.width;
-      at::parallel_for(0, n.masks, 1, [&](int64_t begin, int64_t end) {
+      torch::stable::parallel_for(0, n.masks, 1, [&](int64_t begin, int64_t end) {
         std::vector<Bits<logit_t>> keys(n.candidates), scratch;
         std::array<int64_t, (1 << kHistogramBits)> histogram;
         scratch.reserve(n.candidates);
@@ -155,8 +154,8 @@ at::Tensor select_uncertain_points_cpu(const at::Tensor& logits_in, const at::Te
           keep_largest(keys, histogram, n.keep, row, out + m * n.keep * 2, scratch);
         }
       });
-    });
-  });
+    }), AT_FLOATING_TYPES);
+  }), AT_FLOATING_TYPES);
   return output;
 }
 
@@ -164,7 +163,7 @@ at::Tensor select_uncertain_points_cpu(const at::Tensor& logits_in, const at::Te
 }  // namespace points
 }  // namespace mpseg
 
-TORCH_LIBRARY_IMPL(mpseg, CPU, m) {
-  m.impl("_sample_masks_at_points", &mpseg::points::sample_masks_at_points_cpu);
-  m.impl("_select_uncertain_points", &mpseg::points::select_uncertain_points_cpu);
+STABLE_TORCH_LIBRARY_IMPL(mpseg, CPU, m) {
+  m.impl("_sample_masks_at_points", TORCH_BOX(&mpseg::points::sample_masks_at_points_cpu));
+  m.impl("_select_uncertain_points", TORCH_BOX(&mpseg::points::select_uncertain_points_cpu));
 }

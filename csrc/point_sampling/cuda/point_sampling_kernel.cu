@@ -9,15 +9,16 @@
 // - _select_uncertain_points: one thread per candidate computes its uncertainty key, then torch.topk picks the k
 //   largest per row and the kept indices are sorted, so that the points come back in candidate order as on the CPU.
 //   Among candidates tied at the k-th key, topk decides which are kept (the CPU kernel keeps the first ones).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/core/Dispatch_v2.h>
 
 #include <algorithm>
+#include <array>
+#include <vector>
 
+#include "cuda_stable.h"
 #include "point_sampling/point_sampling.h"
 #include "point_sampling/sampling.h"
 
@@ -67,55 +68,78 @@ __global__ void uncertainty_kernel(const logit_t* __restrict__ logits, const coo
   }
 }
 
-at::Tensor sample_masks_at_points_cuda(const at::Tensor& masks_in, const at::Tensor& coords_in,
-                                       const c10::optional<at::Tensor>& mask_index_in, int64_t canvas_h,
-                                       int64_t canvas_w) {
+Tensor sample_masks_at_points_cuda(const Tensor& masks_in, const Tensor& coords_in,
+                                   const std::optional<Tensor>& mask_index_in, int64_t canvas_h, int64_t canvas_w) {
   const MaskSizes n = check_mask_inputs(masks_in, coords_in, mask_index_in, canvas_h, canvas_w);
-  const c10::cuda::CUDAGuard guard(masks_in.device());
-  const at::Tensor masks = masks_in.contiguous();
-  const at::Tensor coords = coords_in.contiguous();
-  const at::Tensor mask_index = mask_index_in.has_value() ? mask_index_in->contiguous() : at::Tensor();
-  at::Tensor output = at::zeros({n.rows, n.points}, coords.options());
+  const torch::stable::accelerator::DeviceGuard guard(masks_in.get_device_index());
+  const Tensor masks = torch::stable::contiguous(masks_in);
+  const Tensor coords = torch::stable::contiguous(coords_in);
+  std::optional<Tensor> mask_index;
+  if (mask_index_in.has_value()) mask_index = torch::stable::contiguous(*mask_index_in);
+  Tensor output = zeros(coords, {n.rows, n.points}, coords.scalar_type());
   if (n.rows == 0 || n.points == 0 || n.height * n.width == 0) return output;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "_sample_masks_at_points_cuda", [&] {
+  const cudaStream_t stream = current_stream(masks_in.get_device_index());
+  const int64_t* index = mask_index.has_value() ? mask_index->const_data_ptr<int64_t>() : nullptr;
+  THO_DISPATCH_V2(coords.scalar_type(), "_sample_masks_at_points_cuda", AT_WRAP([&] {
     using coord_t = scalar_t;
-    AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, masks.scalar_type(), "_sample_masks_cuda", [&] {
-      sample_masks_kernel<coord_t, scalar_t><<<blocks_for(output.numel()), kThreads, 0, stream>>>(
-          masks.data_ptr<scalar_t>(), coords.data_ptr<coord_t>(),
-          mask_index.defined() ? mask_index.data_ptr<int64_t>() : nullptr, output.data_ptr<coord_t>(), n, canvas_h,
-          canvas_w);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+    THO_DISPATCH_V2(masks.scalar_type(), "_sample_masks_cuda", AT_WRAP([&] {
+      launch_kernel(sample_masks_kernel<coord_t, scalar_t>, blocks_for(output.numel()), kThreads, stream,
+                    masks.const_data_ptr<scalar_t>(), coords.const_data_ptr<coord_t>(), index,
+                    output.mutable_data_ptr<coord_t>(), n, canvas_h, canvas_w);
+    }), AT_ALL_TYPES, ScalarType::Bool, ScalarType::Half, ScalarType::BFloat16);
+  }), AT_FLOATING_TYPES);
   return output;
 }
 
-at::Tensor select_uncertain_points_cuda(const at::Tensor& logits_in, const at::Tensor& coords_in, int64_t keep) {
+// An ATen op through the stable dispatcher call; the outputs replace the arguments at the front of the stack.
+template <size_t N>
+void call_aten(const char* name, const char* overload, std::array<StableIValue, N>& stack) {
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+}
+
+using torch::stable::detail::from;
+using torch::stable::detail::to;
+
+Tensor select_uncertain_points_cuda(const Tensor& logits_in, const Tensor& coords_in, int64_t keep) {
   const SelectSizes n = check_select_inputs(logits_in, coords_in, keep);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor coords = coords_in.contiguous();
-  if (n.masks == 0 || n.keep == 0) return at::empty({n.masks, n.keep, 2}, coords.options());
-  at::Tensor keys = at::empty({n.masks, n.candidates}, logits.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "_select_uncertain_points_cuda", [&] {
+  const torch::stable::accelerator::DeviceGuard guard(logits_in.get_device_index());
+  const Tensor logits = torch::stable::contiguous(logits_in);
+  const Tensor coords = torch::stable::contiguous(coords_in);
+  if (n.masks == 0 || n.keep == 0) return empty(coords, {n.masks, n.keep, 2}, coords.scalar_type());
+  Tensor keys = empty(logits, {n.masks, n.candidates}, logits.scalar_type());
+  const cudaStream_t stream = current_stream(logits_in.get_device_index());
+  THO_DISPATCH_V2(logits.scalar_type(), "_select_uncertain_points_cuda", AT_WRAP([&] {
     using logit_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(coords.scalar_type(), "_select_uncertain_points_cuda_coords", [&] {
-      uncertainty_kernel<logit_t, scalar_t><<<blocks_for(keys.numel()), kThreads, 0, stream>>>(
-          logits.data_ptr<logit_t>(), coords.data_ptr<scalar_t>(), keys.data_ptr<logit_t>(), n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  const at::Tensor kept = std::get<0>(at::sort(std::get<1>(at::topk(keys, n.keep, 1, true, false)), 1));
-  return coords.gather(1, kept.unsqueeze(-1).expand({n.masks, n.keep, 2}));
+    THO_DISPATCH_V2(coords.scalar_type(), "_select_uncertain_points_cuda_coords", AT_WRAP([&] {
+      launch_kernel(uncertainty_kernel<logit_t, scalar_t>, blocks_for(keys.numel()), kThreads, stream,
+                    logits.const_data_ptr<logit_t>(), coords.const_data_ptr<scalar_t>(),
+                    keys.mutable_data_ptr<logit_t>(), n);
+    }), AT_FLOATING_TYPES);
+  }), AT_FLOATING_TYPES);
+  // kept = sort(topk(keys, k, dim=1, largest, unsorted).indices, dim=1).values; coords.gather(1, kept[..., None]
+  // expanded to [N, k, 2]). Every returned tensor is taken over (to<Tensor>) so that none leaks.
+  std::array<StableIValue, 5> topk{from(keys), from(n.keep), from(int64_t{1}), from(true), from(false)};
+  call_aten("aten::topk", "", topk);
+  const Tensor top_values = to<Tensor>(topk[0]);
+  const Tensor top_indices = to<Tensor>(topk[1]);
+  std::array<StableIValue, 3> sort{from(top_indices), from(int64_t{1}), from(false)};
+  call_aten("aten::sort", "", sort);
+  const Tensor kept = to<Tensor>(sort[0]);
+  const Tensor sort_indices = to<Tensor>(sort[1]);
+  const std::vector<int64_t> expanded{n.masks, n.keep, 2};
+  std::array<StableIValue, 3> expand{from(torch::stable::unsqueeze(kept, -1)), from(Sizes64(expanded)), from(false)};
+  call_aten("aten::expand", "", expand);
+  const Tensor index = to<Tensor>(expand[0]);
+  std::array<StableIValue, 4> gather{from(coords), from(int64_t{1}), from(index), from(false)};
+  call_aten("aten::gather", "", gather);
+  return to<Tensor>(gather[0]);
 }
 
 }  // namespace
 }  // namespace points
 }  // namespace mpseg
 
-TORCH_LIBRARY_IMPL(mpseg, CUDA, m) {
-  m.impl("_sample_masks_at_points", &mpseg::points::sample_masks_at_points_cuda);
-  m.impl("_select_uncertain_points", &mpseg::points::select_uncertain_points_cuda);
+STABLE_TORCH_LIBRARY_IMPL(mpseg, CUDA, m) {
+  m.impl("_sample_masks_at_points", TORCH_BOX(&mpseg::points::sample_masks_at_points_cuda));
+  m.impl("_select_uncertain_points", TORCH_BOX(&mpseg::points::select_uncertain_points_cuda));
 }
