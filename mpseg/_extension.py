@@ -94,7 +94,7 @@ def _load_jit() -> str:
     build_dir = _cache_dir(csrc, with_cuda)
     build_dir.mkdir(parents=True, exist_ok=True)
     print(f"mpseg: compiling the C++{'/CUDA' if with_cuda else ''} ops just in time into {build_dir} "
-          "(once; install with `pip install --no-build-isolation .` to skip this)", file=sys.stderr)
+          "(once; install with `pip install .` to skip this)", file=sys.stderr)
     flags = _build_config.compile_args(with_cuda)
     global _MODULE
     # A Python module (its init function is named after TORCH_EXTENSION_NAME, here mpseg_C) with build_info().
