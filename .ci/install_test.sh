@@ -138,6 +138,7 @@ else:
 info = json.loads(subprocess.run([sys.executable, "-m", "mpseg.info"], capture_output=True, text=True,
                                  check=True).stdout)
 assert info["extension"]["source"] == "prebuilt" and info["torch"] == expected_torch, info
+print("python -m mpseg.info:", json.dumps({key: info[key] for key in ("torch", "extension", "backends")}))
 print(f"smoke: mpseg {mpseg.__version__} on torch {torch.__version__} (extension built against torch "
       f"{built['torch_version']}, stable ABI {built['stable_abi_target']}); {status.path}; kernels == reference")
 EOF
