@@ -66,10 +66,17 @@ bool use_avx2() {
 #endif
 }
 
+// Which copy each pass runs, as measured (docs/benchmarks.rst): the AVX2 forward is faster for every dtype; the AVX2
+// backward only for float16 (F16C widening instead of a software conversion), while for float32 and bfloat16 it
+// measured 4-13% slower than the baseline copy, so those keep the baseline backward.
+template <typename scalar_t>
+constexpr bool kAvx2Backward = std::is_same_v<scalar_t, torch::headeronly::Half>;
+
 #if MPSEG_AVX2_DISPATCH
-#define MPSEG_CPU_LOOPS(function) (use_avx2() ? avx2::function<scalar_t> : generic::function<scalar_t>)
+#define MPSEG_CPU_LOOPS(function, wanted) \
+  ((wanted) && use_avx2() ? avx2::function<scalar_t> : generic::function<scalar_t>)
 #else
-#define MPSEG_CPU_LOOPS(function) generic::function<scalar_t>
+#define MPSEG_CPU_LOOPS(function, wanted) generic::function<scalar_t>
 #endif
 
 Tensor forward_cpu(const Tensor& value, const Tensor& spatial_shapes, const Tensor& level_start_index,
@@ -84,7 +91,7 @@ Tensor forward_cpu(const Tensor& value, const Tensor& spatial_shapes, const Tens
   const Tensor loc = torch::stable::contiguous(sampling_locations);
   const Tensor w = torch::stable::contiguous(attention_weights);
   THO_DISPATCH_V2(value.scalar_type(), "ms_deform_attn_forward_cpu", AT_WRAP([&] {
-    MPSEG_CPU_LOOPS(forward_kernel)(v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+    MPSEG_CPU_LOOPS(forward_kernel, true)(v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
                              starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
                              w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
   }), AT_FLOATING_TYPES, ScalarType::Half, ScalarType::BFloat16);
@@ -116,7 +123,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_output, const
     const bool reduced = !(std::is_same_v<opmath_t, scalar_t>);  // parenthesised: a macro argument
     Tensor acc = reduced ? zeros(value, value.sizes(), scalar_type_of<opmath_t>())
                              : grad_value;
-    MPSEG_CPU_LOOPS(backward_kernel)(g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+    MPSEG_CPU_LOOPS(backward_kernel, kAvx2Backward<scalar_t>)(g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                               shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
                               loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                               acc.mutable_data_ptr<opmath_t>(), grad_locations.mutable_data_ptr<scalar_t>(),
