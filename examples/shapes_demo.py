@@ -210,11 +210,16 @@ def train(args, *, mask_piloted: bool, train_set: ShapesDataset, val_set: Shapes
                              label_noise=args.label_noise, num_groups=args.groups) if mask_piloted else None
     matcher, criterion = make_criterion(args)
     params = list(model.parameters()) + (list(noiser.parameters()) if noiser is not None else [])
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
-    # Linear warm-up then cosine decay: from-scratch transformers diverge easily with a cold start.
-    warmup = max(1, args.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    # fused: one kernel for all parameters instead of ~10 small ops per tensor (a tenth of the step at this size).
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, fused=True)
+    # Linear warm-up (from-scratch transformers diverge easily with a cold start), then constant or cosine decay.
+    warmup = max(1, min(100, args.steps // 10) if args.warmup is None else args.warmup)
+
+    def lr_factor(s: int) -> float:
+        decay = 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)) if args.schedule == "cosine" else 1.0
+        return min(1.0, (s + 1) / warmup) * decay
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     data_gen = torch.Generator().manual_seed(args.seed + 1)
     noise_gen = torch.Generator().manual_seed(args.seed + 2)
     point_gen = torch.Generator().manual_seed(args.seed + 3)
@@ -435,11 +440,11 @@ def save_figures(results: dict, passes: dict, out_dir: str) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 minute)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 1350, quick 8)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 1600, quick 8)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--train-images", type=int, default=2000)
-    p.add_argument("--val-images", type=int, default=None, help="held-out images (default 96, quick 16)")
+    p.add_argument("--val-images", type=int, default=None, help="held-out images (default 192, quick 16)")
     p.add_argument("--backbone", default="cnn", help="'cnn' (a small 4-stage CNN) or a timm model name (random init)")
     p.add_argument("--hidden-dim", type=int, default=64)
     p.add_argument("--dim-feedforward", type=int, default=256)
@@ -448,14 +453,17 @@ def parse_args(argv=None):
     p.add_argument("--enc-layers", type=int, default=1, help="pixel-decoder encoder layers")
     p.add_argument("--nheads", type=int, default=8, help="decoder attention heads")
     p.add_argument("--points", type=int, default=256, help="sampled points per mask in matcher and criterion")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate after the warm-up: constant (default) or cosine decay to 0 at --steps")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default min(100, steps / 10))")
     p.add_argument("--clip", type=float, default=0.01, help="gradient-norm clip (Mask2Former's 0.01)")
     p.add_argument("--point-noise", type=float, default=0.0, help="MP-Former's released setting: 0")
     p.add_argument("--label-noise", type=float, default=0.2)
     p.add_argument("--groups", type=int, default=1)
     p.add_argument("--mp-loss-weight", type=float, default=1.0,
                    help="scale of the pilot (_mp) loss weights relative to the matching losses (MP-Former: 1)")
-    p.add_argument("--evals", type=int, default=6, help="held-out evaluations during training (for the curves)")
+    p.add_argument("--evals", type=int, default=8, help="held-out evaluations during training (for the curves)")
     p.add_argument("--grid", type=int, default=6, help="held-out images in predictions.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
@@ -467,9 +475,9 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.steps is None:
-        args.steps = 8 if args.quick else 1350
+        args.steps = 8 if args.quick else 1600
     if args.val_images is None:
-        args.val_images = 16 if args.quick else 96
+        args.val_images = 16 if args.quick else 192
     if args.quick:
         args.evals, args.grid, args.train_images = 1, min(args.grid, 3), min(args.train_images, 64)
     cores = os.cpu_count() or 1
