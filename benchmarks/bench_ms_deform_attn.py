@@ -22,9 +22,6 @@ Times are medians of ``torch.utils.benchmark`` (``adaptive_autorange``); "fwd+bw
 inputs through autograd. "x ref" is reference time / kernel time (``mpseg.ms_deform_attn_reference``, grid_sample),
 from the same run and threads. A thread-scaling table follows (1 thread to all cores).
 
-The kernel's loops exist for the baseline instruction set and for AVX2 + FMA + F16C (chosen at run time); run with
-``MPSEG_CPU_KERNEL=generic`` to time the baseline copy.
-
 Usage: ``python benchmarks/bench_ms_deform_attn.py [--quick] [--all-cases] [--threads N] [--dtype float32]``;
 ``--device cuda [--report PATH]`` writes the GPU report of ``bench_gpu_report.py`` instead (``make gpu-check``).
 """
@@ -177,9 +174,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"mpseg {mpseg.__version__}, torch {torch.__version__}, {args.dtype}, extension {status.source}, "
           f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs "
-          f"({platform.processor() or platform.machine()}), load average {load:.2f} at start, "
-          f"MPSEG_CPU_KERNEL={os.environ.get('MPSEG_CPU_KERNEL', '(unset: AVX2 loops where the CPU has them)')}",
-          flush=True)
+          f"({platform.processor() or platform.machine()}), load average {load:.2f} at start", flush=True)
 
     peaks = {}
     for threads in thread_counts:
