@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ms_deform_attn/cpu/avx2.h"
 #include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/sampling.h"
 
@@ -242,9 +243,15 @@ Tensor forward_cpu(const Tensor& value, const Tensor& spatial_shapes, const Tens
   const Tensor loc = torch::stable::contiguous(sampling_locations);
   const Tensor w = torch::stable::contiguous(attention_weights);
   THO_DISPATCH_V2(value.scalar_type(), "ms_deform_attn_forward_cpu", AT_WRAP([&] {
-    forward_kernel<scalar_t>(v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-                             starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
-                             w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
+    if (avx2::enabled()) {
+      avx2::forward<scalar_t>(v, v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+                              starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
+                              w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
+    } else {
+      forward_kernel<scalar_t>(v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+                               starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
+                               w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
+    }
   }), AT_FLOATING_TYPES, ScalarType::Half, ScalarType::BFloat16);
   return output;
 }
@@ -274,11 +281,19 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_output, const
     const bool reduced = !(std::is_same_v<opmath_t, scalar_t>);  // parenthesised: a macro argument
     Tensor acc = reduced ? zeros(value, value.sizes(), scalar_type_of<opmath_t>())
                              : grad_value;
-    backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                              shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-                              loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                              acc.mutable_data_ptr<opmath_t>(), grad_locations.mutable_data_ptr<scalar_t>(),
-                              grad_weights.mutable_data_ptr<scalar_t>(), n);
+    if (avx2::enabled() && avx2::backward_supported<scalar_t>(shapes.const_data_ptr<int64_t>(), n)) {
+      avx2::backward<scalar_t>(v, g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                               shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+                               loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                               acc.mutable_data_ptr<opmath_t>(), grad_locations.mutable_data_ptr<scalar_t>(),
+                               grad_weights.mutable_data_ptr<scalar_t>(), n);
+    } else {
+      backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                                shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+                                loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                acc.mutable_data_ptr<opmath_t>(), grad_locations.mutable_data_ptr<scalar_t>(),
+                                grad_weights.mutable_data_ptr<scalar_t>(), n);
+    }
     if (reduced) torch::stable::copy_(grad_value, acc);
   }), AT_FLOATING_TYPES, ScalarType::Half, ScalarType::BFloat16);
   return {grad_value, grad_locations, grad_weights};
