@@ -22,6 +22,9 @@ namespace mpseg {
 std::string cuda_build_info();  // defined in ms_deform_attn/cuda/ms_deform_attn_kernel.cu
 }
 #endif
+namespace mpseg::msda::avx2 {
+bool enabled();  // defined in ms_deform_attn/cpu/ms_deform_attn_avx2.cpp
+}
 
 namespace mpseg {
 namespace {
@@ -50,6 +53,8 @@ std::string build_info() {
   out << ", \"openmp\": false, \"openmp_version\": null";
 #endif
   out << ", \"num_threads\": " << torch::stable::get_num_threads();
+  // Which copy of the CPU loops of ms_deform_attn runs now (the CPU's instruction set and MPSEG_CPU_KERNEL).
+  out << ", \"cpu_kernel\": \"" << (msda::avx2::enabled() ? "avx2" : "generic") << "\"";
 #ifdef MPSEG_SANITIZE
   out << ", \"sanitize\": true";
 #else

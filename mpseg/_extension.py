@@ -49,7 +49,6 @@ class ExtensionStatus:
 _STATUS = ExtensionStatus()
 _LOCK = threading.Lock()
 _WARNED = False
-_BUILD_INFO: dict | None = None
 _MODULE = None  # the loaded extension module (mpseg._C, or the just-in-time build's module)
 
 
@@ -185,9 +184,9 @@ def build_info() -> dict:
     """What the loaded extension was built with, or ``{}`` if none is loaded.
 
     Keys: ``torch_version`` (the torch whose headers built it), ``stable_abi_target`` (the oldest torch whose stable ABI
-    it needs), ``with_cuda``, ``cuda_version``, ``cuda_archs``, ``openmp``, ``num_threads``, ``sanitize``, ``compiler``.
+    it needs), ``with_cuda``, ``cuda_version``, ``cuda_archs``, ``openmp``, ``num_threads``, ``cpu_kernel`` (which copy
+    of the CPU loops of ``ms_deform_attn`` runs: ``"avx2"`` on CPUs with AVX2 and F16C, else ``"generic"``; the
+    environment variable ``MPSEG_CPU_KERNEL=generic`` forces the latter), ``sanitize``, ``compiler``. Read anew at
+    every call (the thread count and ``cpu_kernel`` can change).
     """
-    global _BUILD_INFO
-    if _BUILD_INFO is None:
-        _BUILD_INFO = json.loads(_MODULE.build_info()) if load().loaded else {}
-    return dict(_BUILD_INFO)
+    return json.loads(_MODULE.build_info()) if load().loaded else {}

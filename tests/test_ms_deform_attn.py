@@ -215,10 +215,11 @@ def test_backend_choice_is_a_compile_time_constant():
 
 @pytest.mark.sanitize
 @pytest.mark.cpu_only  # the CPU kernel's promise; the CUDA backward accumulates grad_value with atomics
+@pytest.mark.parametrize("channels", [32, 40])  # the AVX2 backward's unrolled D = 32, and the baseline loops' D = 40
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backward_is_bitwise_deterministic_across_runs_and_threads(dtype):
+def test_backward_is_bitwise_deterministic_across_runs_and_threads(dtype, channels):
     # 24 backward units (B * M * L) and 512 forward tasks: every thread count below splits the work differently.
-    inputs = make_inputs(2, 64, 4, 40, [(12, 9), (6, 5), (3, 3)], 4, dtype=dtype, seed=9, spread=0.0)
+    inputs = make_inputs(2, 64, 4, channels, [(12, 9), (6, 5), (3, 3)], 4, dtype=dtype, seed=9, spread=0.0)
     threads = torch.get_num_threads()
     try:
         results = []
@@ -230,6 +231,88 @@ def test_backward_is_bitwise_deterministic_across_runs_and_threads(dtype):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def _cpu_has_avx2_f16c() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx2", "f16c"} <= set(flags)
+
+
+def _assert_same_bits(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    """Bit for bit (+0 and -0 differ); NaN matches NaN whatever its payload."""
+    assert a.dtype == b.dtype and a.shape == b.shape, name
+    as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+    nan = torch.isnan(a)
+    assert torch.equal(nan, torch.isnan(b)), f"{name}: NaN in different places"
+    differ = (a.view(as_int) != b.view(as_int)) & ~nan
+    assert not differ.any(), (f"{name}: {int(differ.sum())} of {a.numel()} elements differ, e.g. "
+                              f"{a[differ][:3].tolist()} vs {b[differ][:3].tolist()}")
+
+
+# (batch, queries, heads, channels, level shapes, points): every D the AVX2 backward unrolls for (8 bf16/fp16 only,
+# 16, 32, 64) and D it leaves to the baseline loops (5, 24); 1, 3 and 4 points (eight-sample groups that end inside a
+# query); an odd number of queries (the forward's pairs of queries end with a single one); 1-3 levels.
+_AVX2_PROBLEMS = [
+    (2, 7, 3, 32, [(6, 7), (3, 4), (2, 2)], 4),
+    (1, 9, 2, 16, [(5, 9), (3, 3)], 3),
+    (2, 5, 2, 64, [(4, 6)], 1),
+    (1, 6, 3, 8, [(7, 3), (2, 5)], 4),
+    (1, 5, 2, 24, [(5, 5), (2, 3)], 2),
+    (1, 4, 2, 5, [(3, 4)], 3),
+]
+
+
+@pytest.mark.sanitize
+@pytest.mark.cpu_only  # the two copies of the CPU loops (csrc/ms_deform_attn/cpu/)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_avx2_copy_matches_baseline_bit_for_bit(dtype, monkeypatch):
+    # The CPU kernel has a baseline copy of its loops (SSE2 on x86-64) and an AVX2 copy chosen at run time; they make
+    # the same IEEE operations in the same order, so every output and gradient has the same bits (results do not
+    # depend on the CPU). MPSEG_CPU_KERNEL=generic forces the baseline copy. Inputs include locations outside the
+    # maps, on pixel centres and borders (the kinks of the bilinear weights), NaN and infinite locations, negative and
+    # infinite attention weights, and an infinite value that only out-of-map corners would reach.
+    monkeypatch.delenv("MPSEG_CPU_KERNEL", raising=False)
+    expected_copy = "avx2" if _cpu_has_avx2_f16c() else "generic"
+    assert _extension.build_info()["cpu_kernel"] == expected_copy
+    for seed, problem in enumerate(_AVX2_PROBLEMS):
+        batch, queries, heads, channels, shapes, points = problem
+        if channels == 8 and dtype in (torch.float32, torch.float64):
+            continue  # the float backward's blocks are 16 channels; D = 8 is the bf16/fp16 case
+        value, spatial_shapes, level_start_index, locations, weights, grad_output = make_inputs(
+            *problem, dtype=torch.float64, seed=seed, spread=0.2)
+        # Pixel centres and borders: location (i + 0.5) / W is pixel i's centre, i / W its left border.
+        width = float(shapes[0][1])
+        locations[:, ::3, :, 0, :, 0] = (torch.randint(-1, shapes[0][1] + 1, locations[:, ::3, :, 0, :, 0].shape,
+                                                       generator=torch.Generator().manual_seed(seed)) + 0.5) / width
+        locations[:, 1::3, :, 0, :, 1] = torch.randint(-1, shapes[0][0] + 2, locations[:, 1::3, :, 0, :, 1].shape,
+                                                        generator=torch.Generator().manual_seed(seed)) / shapes[0][0]
+        locations[0, 0, 0, 0, 0, 0] = float("nan")
+        locations[0, 1, 0, -1, -1, 1] = float("inf")
+        weights[0, 2, :, 0, 0] = -weights[0, 2, :, 0, 0]
+        weights[-1, -1, -1, -1, -1] = float("inf")
+        value[0, 0, 0, 0] = float("inf")  # row 0 of level 0: read only by corners inside the map
+        inputs = [t.to(dtype) if t.is_floating_point() else t
+                  for t in (value, spatial_shapes, level_start_index, locations, weights, grad_output)]
+        results = {}
+        for copy in ("generic", "default"):
+            if copy == "generic":
+                monkeypatch.setenv("MPSEG_CPU_KERNEL", "generic")
+                assert _extension.build_info()["cpu_kernel"] == "generic"
+            else:
+                monkeypatch.delenv("MPSEG_CPU_KERNEL", raising=False)
+            results[copy] = run(kernel(), *inputs)
+        for name, a, b in zip(("output", "grad_value", "grad_locations", "grad_weights"), results["generic"],
+                              results["default"]):
+            _assert_same_bits(b, a, f"{problem} {name}")
+        # and both are right: compare the finite part with the float64 oracle on the inputs without infinities
+    clean = make_inputs(*_AVX2_PROBLEMS[0], dtype=dtype, seed=11, spread=0.2)
+    for name, a, e in zip(("output", "grad_value", "grad_locations", "grad_weights"), run(kernel(), *clean),
+                          reference64(*clean)):
+        assert_close_scaled(a, e, {**TOLERANCE, torch.float16: 5e-3}[dtype], name)
 
 
 @pytest.mark.sanitize
