@@ -20,7 +20,8 @@ to the machine's peaks measured in the same run with the same threads:
 
 Times are medians of ``torch.utils.benchmark`` (``adaptive_autorange``); "fwd+bwd" is forward plus backward to all three
 inputs through autograd. "x ref" is reference time / kernel time (``mpseg.ms_deform_attn_reference``, grid_sample),
-from the same run and threads. A thread-scaling table follows (1 thread to all cores).
+from the same run and threads; "x baseline loops" is the same kernel with ``MPSEG_CPU_KERNEL=generic`` (the loops
+compiled for the baseline instruction set, which give the same bits) / kernel time. A thread-scaling table follows (1 thread to all cores).
 
 Usage: ``python benchmarks/bench_ms_deform_attn.py [--quick] [--all-cases] [--threads N] [--dtype float32]``;
 ``--device cuda [--report PATH]`` writes the GPU report of ``bench_gpu_report.py`` instead (``make gpu-check``).
@@ -124,9 +125,13 @@ def measure(case: Case, dtype: torch.dtype, pattern: str, threads: int, max_time
     grad_output = torch.randn(case.batch, value.shape[1], case.heads * case.channels, generator=generator).to(dtype)
     functions = {"kernel": lambda *args: mpseg.ms_deform_attn(*args, backend="cpu"),
                  "reference": mpseg.ms_deform_attn_reference}
+    functions["baseline loops"] = functions["kernel"]  # timed with MPSEG_CPU_KERNEL=generic (below)
     times = {}
     for name in impls:
         impl = functions[name]
+        forced = os.environ.pop("MPSEG_CPU_KERNEL", None)
+        if name == "baseline loops":
+            os.environ["MPSEG_CPU_KERNEL"] = "generic"  # read by the kernel at every call
         leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
 
         def forward():
@@ -137,12 +142,17 @@ def measure(case: Case, dtype: torch.dtype, pattern: str, threads: int, max_time
                 leaf.grad = None
             impl(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2]).backward(grad_output)
 
-        for kind, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
-            start = time.perf_counter()
-            times[name, kind] = time_median(fn, threads, max_time)
-            print(f"  {case.name} B={case.batch} {pattern} {threads} threads: {name} {kind} "
-                  f"{times[name, kind] * 1e3:.2f} ms (measured in {time.perf_counter() - start:.1f} s)",
-                  file=sys.stderr, flush=True)
+        try:
+            for kind, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
+                start = time.perf_counter()
+                times[name, kind] = time_median(fn, threads, max_time)
+                print(f"  {case.name} B={case.batch} {pattern} {threads} threads: {name} {kind} "
+                      f"{times[name, kind] * 1e3:.2f} ms (measured in {time.perf_counter() - start:.1f} s)",
+                      file=sys.stderr, flush=True)
+        finally:
+            os.environ.pop("MPSEG_CPU_KERNEL", None)
+            if forced is not None:
+                os.environ["MPSEG_CPU_KERNEL"] = forced
     return times, value.shape[1], value.element_size()
 
 
@@ -173,6 +183,7 @@ def main() -> None:
     thread_counts = sorted({1, args.threads} | ({2} if args.threads >= 2 else set()))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"mpseg {mpseg.__version__}, torch {torch.__version__}, {args.dtype}, extension {status.source}, "
+          f"CPU loops {_extension.build_info().get('cpu_kernel')}, "
           f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs "
           f"({platform.processor() or platform.machine()}), load average {load:.2f} at start", flush=True)
 
@@ -188,20 +199,23 @@ def main() -> None:
         for t in thread_counts))
     print()
     header = ("| case | locations | threads | pass | kernel ms | GFLOP/s | % of matmul peak | GB/s | % of copy peak "
-              "| reference ms | x ref |")
+              "| reference ms | x ref | baseline loops ms | x baseline loops |")
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     scaling = {}
     for case in cases:
         for pattern in PATTERNS:
             threads = args.threads
-            times, rows, element_size = measure(case, dtype, pattern, threads, max_time, ["kernel", "reference"])
+            times, rows, element_size = measure(case, dtype, pattern, threads, max_time,
+                                                ["kernel", "reference", "baseline loops"])
             for kind, (flops, nbytes) in work(case, rows, element_size).items():
                 kernel_s, reference_s = times["kernel", kind], times["reference", kind]
+                baseline_s = times["baseline loops", kind]
                 gflops, gbs = flops / kernel_s / 1e9, nbytes / kernel_s / 1e9
                 lines.append(
                     f"| {case.name} B={case.batch} | {pattern} | {threads} | {kind} | {kernel_s * 1e3:.2f} | "
                     f"{gflops:.1f} | {100 * gflops / peaks[threads][0]:.0f}% | {gbs:.1f} | "
-                    f"{100 * gbs / peaks[threads][1]:.0f}% | {reference_s * 1e3:.1f} | {reference_s / kernel_s:.1f}x |"
+                    f"{100 * gbs / peaks[threads][1]:.0f}% | {reference_s * 1e3:.1f} | {reference_s / kernel_s:.1f}x | "
+                    f"{baseline_s * 1e3:.1f} | {baseline_s / kernel_s:.2f}x |"
                 )
             if case is main_case:
                 scaling[pattern, threads] = times

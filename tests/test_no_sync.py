@@ -15,6 +15,7 @@ CPU tensors having no data either). With a GPU, the same step also runs for real
 from __future__ import annotations
 
 import contextlib
+import sys
 import traceback
 
 import pytest
@@ -23,9 +24,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpseg
+import mpseg.ops.ms_deform_attn
 from mpseg import _extension
-from mpseg.ops import ms_deform_attn as msda_module
 from mpseg.training import matcher as matcher_module
+
+# The module, not the function of the same name that mpseg.ops re-exports (`from mpseg.ops import ms_deform_attn`).
+msda_module = sys.modules["mpseg.ops.ms_deform_attn"]
 
 aten = torch.ops.aten
 
