@@ -664,12 +664,13 @@ void backward_unit(int64_t unit, const scalar_t* grad_output, const scalar_t* by
     }
     {
       // A few queries ahead: one query's M * L * P samples apart, a stride the prefetchers follow poorly.
-      const int64_t q_ahead = next_q + 4;
+      const int64_t q_ahead = next_q + kPrefetchQueries;
       if (q_ahead < n.queries) {
         const int64_t k_ahead = ((b * n.queries + q_ahead) * n.heads + m) * samples + l * n.points;
         __builtin_prefetch(locations + 2 * k_ahead);
         __builtin_prefetch(weights + k_ahead);
-        __builtin_prefetch(grad_output + ((b * n.queries + q_ahead) * n.heads + m) * kChannels);
+        const scalar_t* g_ahead = grad_output + ((b * n.queries + q_ahead) * n.heads + m) * kChannels;
+        for (int64_t d = 0; d < kChannels; d += 64 / sizeof(scalar_t)) __builtin_prefetch(g_ahead + d);
       }
     }
     __m256 x, y;
