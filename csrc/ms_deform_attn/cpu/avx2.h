@@ -17,6 +17,11 @@ namespace avx2 {
 // force the baseline loops (MPSEG_CPU_KERNEL=generic, read at every call so that tests can switch it).
 bool enabled();
 
+// Whether forward<scalar_t> takes this call: float, bf16 or fp16, and levels small enough for int32 coordinates and
+// offsets. float64 uses the baseline loops.
+template <typename scalar_t>
+bool forward_supported(const int64_t* shapes, const Sizes& n);
+
 // Whether backward<scalar_t> takes this call: D = 16, 32, 64, 128 or 256 (also 8 for bf16/fp16), for which its
 // channel loops are unrolled, and levels small enough for int32 coordinates and offsets. Other calls, and float64,
 // use the baseline loops.

@@ -10,18 +10,23 @@
 // cost no throughput). Results therefore do not depend on which CPU ran them, and the tests compare the two copies
 // bit for bit (tests/test_ms_deform_attn.py). What the AVX2 copy changes is how the work is laid out:
 //
-// Forward. One task is one (b, q, m): D outputs from up to 4*L*P corner rows. A task first lists its valid corner rows
-// and their weights (attention * bilinear) without branching on validity, then sums them 8 (float) or 4 (double)
-// channels per register. Two tasks are summed together, so 8 independent accumulators (D = 32) hide the latency of the
-// adds: each channel's sum is a dependent chain of 4*L*P adds. Rows of bf16/fp16 are widened in registers (bf16: a
-// 16-bit shift; fp16: vcvtph2ps) and the results narrowed with the rounding of a static_cast (round to nearest even).
+// Forward (float, bf16, fp16; float64 stays on the baseline loops). One task is one (b, q, m): D outputs from the 4*L*P
+// corner rows of its samples. value is first copied head by head, [B, M, S + 1, D] (copy_by_head), with a row of zeros
+// that out-of-map corners read with weight +0 (no branch; the sums are unchanged). Tasks run head by head, two
+// neighbouring queries at a time: 8 independent accumulators (D = 32) hide the latency of the adds (each channel's sum
+// is a dependent chain of 4*L*P adds). The bilinear setup runs on eight samples per register (setup8). Rows of
+// bf16/fp16 are widened in registers (bf16: a 16-bit shift; fp16: vcvtph2ps) and the results narrowed with the
+// rounding of a static_cast (round to nearest even).
 //
 // Backward. The units (b, m, l) of the baseline copy, visited in the same order, so the updates of grad_value land in
-// the same order (deterministic whatever the thread count, no atomics). Corners are processed eight at a time (two
-// samples). The baseline copy sums each corner's dot product <grad_output, value row> lane by lane and then adds the
-// lanes one after the other; here the eight corners' lane sums are transposed into eight registers (corner = lane) so
-// that the sequential adds of eight dot products run as vector adds, in the same order. Invalid corners read a row of
-// zeros and write a scratch row, and their dot products are set to 0 as the baseline does.
+// the same order (deterministic whatever the thread count, no atomics), on head-major copies of value and grad_value.
+// Samples are set up eight at a time, corners processed eight at a time (two samples). The baseline sums each
+// corner's dot product <grad_output, value row> lane by lane and then adds the lanes one after the other; here the
+// eight corners' lane sums are transposed into eight registers (corner = lane) so that the sequential adds of eight
+// dot products run as vector adds, in the same order. Invalid corners read the zero row and write the grad_value
+// copy's extra row (discarded), and their dot products are set to 0 as the baseline does.
+//
+// Measured speed and layout notes: docs/api/ops.rst ("CPU kernel layout") and docs/benchmarks.rst.
 #include "ms_deform_attn/cpu/avx2.h"
 
 #include <torch/csrc/stable/ops.h>
@@ -74,6 +79,11 @@ inline bool int32_setup_fits(const int64_t* shapes, const Sizes& n) {
 }
 
 template <typename scalar_t>
+bool forward_supported(const int64_t* shapes, const Sizes& n) {
+  return MPSEG_AVX2_BUILD && !std::is_same_v<scalar_t, double> && int32_setup_fits(shapes, n);
+}
+
+template <typename scalar_t>
 bool backward_supported(const int64_t* shapes, const Sizes& n) {
   if (!int32_setup_fits(shapes, n)) return false;
   const int64_t channels = n.channels;
@@ -92,8 +102,7 @@ bool backward_supported(const int64_t* shapes, const Sizes& n) {
 
 namespace {
 
-// Registers of opmath_t values (float for float/bf16/fp16, double for double) loaded from and stored to rows of
-// scalar_t.
+// Registers of 8 floats (the opmath type of float, bf16 and fp16) loaded from and stored to rows of scalar_t.
 struct FloatOps {
   using opmath = float;
   using reg = __m256;
@@ -102,8 +111,6 @@ struct FloatOps {
   static reg set1(float x) { return _mm256_set1_ps(x); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  static reg load_opmath(const float* p) { return _mm256_loadu_ps(p); }
-  static void store_opmath(float* p, reg v) { _mm256_storeu_ps(p, v); }
 };
 
 template <typename scalar_t>
@@ -142,109 +149,6 @@ struct Wide<Half> : FloatOps {
   }
 };
 
-template <>
-struct Wide<double> {
-  using opmath = double;
-  using reg = __m256d;
-  static constexpr int64_t lanes = 4;
-  static reg zero() { return _mm256_setzero_pd(); }
-  static reg set1(double x) { return _mm256_set1_pd(x); }
-  static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
-  static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
-  static reg load(const double* p) { return _mm256_loadu_pd(p); }
-  static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
-};
-
-// The valid corner rows of task (b, q, m) and their weights, in the baseline's order (level, point, corner). Returns
-// how many. Invalid corners are written and then overwritten (the count does not advance): no branch on validity.
-template <typename scalar_t, typename opmath_t>
-inline int64_t list_corners(int64_t task, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
-                            const scalar_t* locations, const scalar_t* weights, const Sizes& n,
-                            const scalar_t** rows, opmath_t* row_weights) {
-  const int64_t row_stride = n.heads * n.channels;
-  const int64_t samples = n.levels * n.points;
-  const int64_t m = task % n.heads;
-  const int64_t b = task / (n.heads * n.queries);
-  const scalar_t* loc = locations + task * samples * 2;
-  const scalar_t* w = weights + task * samples;
-  int64_t count = 0;
-  for (int64_t l = 0; l < n.levels; ++l) {
-    const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
-    const scalar_t* level_value = value + (b * n.rows + starts[l]) * row_stride + m * n.channels;
-    for (int64_t p = 0; p < n.points; ++p) {
-      const int64_t k = l * n.points + p;
-      Bilinear<opmath_t> s;
-      if (!bilinear_setup(static_cast<opmath_t>(loc[2 * k]), static_cast<opmath_t>(loc[2 * k + 1]), height, width,
-                          s)) {
-        continue;
-      }
-      const opmath_t attention = static_cast<opmath_t>(w[k]);
-      for (int c = 0; c < 4; ++c) {
-        rows[count] = level_value + (s.valid[c] ? s.index[c] * row_stride : 0);
-        row_weights[count] = attention * s.weight[c];
-        count += s.valid[c] ? 1 : 0;
-      }
-    }
-  }
-  return count;
-}
-
-// out_t[d] = sum_i weights_t[i] * rows_t[i][d] for the tasks t < tasks (1 or 2), each channel summed in the order of
-// i, starting from +0, one multiply and one add per step: the baseline's arithmetic.
-template <typename scalar_t>
-inline void weighted_row_sums(int tasks, const scalar_t* const* rows[2],
-                              const typename Wide<scalar_t>::opmath* weights[2], const int64_t count[2],
-                              int64_t channels, scalar_t* out[2]) {
-  using W = Wide<scalar_t>;
-  using reg = typename W::reg;
-  using opmath_t = typename W::opmath;
-  constexpr int64_t kVecs = 4;
-  const int64_t both = tasks == 2 ? std::min(count[0], count[1]) : 0;
-  int64_t d = 0;
-  for (; d + kVecs * W::lanes <= channels; d += kVecs * W::lanes) {
-    reg acc[2][kVecs];
-    for (int t = 0; t < 2; ++t) {
-      for (int64_t k = 0; k < kVecs; ++k) acc[t][k] = W::zero();
-    }
-    int64_t i = 0;
-    for (; i < both; ++i) {
-      const scalar_t* r0 = rows[0][i] + d;
-      const scalar_t* r1 = rows[1][i] + d;
-      const reg w0 = W::set1(weights[0][i]);
-      const reg w1 = W::set1(weights[1][i]);
-#pragma GCC unroll 4
-      for (int64_t k = 0; k < kVecs; ++k) {
-        acc[0][k] = W::add(acc[0][k], W::mul(w0, W::load(r0 + k * W::lanes)));
-        acc[1][k] = W::add(acc[1][k], W::mul(w1, W::load(r1 + k * W::lanes)));
-      }
-    }
-    for (int t = 0; t < tasks; ++t) {
-      for (int64_t j = i; j < count[t]; ++j) {
-        const scalar_t* r = rows[t][j] + d;
-        const reg w = W::set1(weights[t][j]);
-#pragma GCC unroll 4
-        for (int64_t k = 0; k < kVecs; ++k) acc[t][k] = W::add(acc[t][k], W::mul(w, W::load(r + k * W::lanes)));
-      }
-#pragma GCC unroll 4
-      for (int64_t k = 0; k < kVecs; ++k) W::store(out[t] + d + k * W::lanes, acc[t][k]);
-    }
-  }
-  for (int t = 0; t < tasks; ++t) {
-    int64_t e = d;
-    for (; e + W::lanes <= channels; e += W::lanes) {
-      reg acc = W::zero();
-      for (int64_t i = 0; i < count[t]; ++i) {
-        acc = W::add(acc, W::mul(W::set1(weights[t][i]), W::load(rows[t][i] + e)));
-      }
-      W::store(out[t] + e, acc);
-    }
-    for (; e < channels; ++e) {
-      opmath_t acc = 0;
-      for (int64_t i = 0; i < count[t]; ++i) acc += weights[t][i] * static_cast<opmath_t>(rows[t][i][e]);
-      out[t][e] = static_cast<scalar_t>(acc);
-    }
-  }
-}
 
 // Transposes the 8x8 matrix of floats in r (r[i] is row i): afterwards r[j] holds column j.
 inline void transpose8(__m256 r[8]) {
@@ -499,106 +403,67 @@ constexpr int64_t kPrefetchQueries = 16;  // as the baseline backward
 
 }  // namespace
 
-// Index `index` of the forward's loop runs over (b, m, q), q fastest: consecutive tasks are neighbouring queries of one
-// head, whose corner rows (that head's D channels of each value row) overlap and stay in cache. Returns the task
-// (b, q, m), the layout of sampling_locations, attention_weights and the output.
-inline int64_t task_of(int64_t index, const Sizes& n) {
-  const int64_t q = index % n.queries;
-  const int64_t bm = index / n.queries;  // b * M + m
-  return ((bm / n.heads) * n.queries + q) * n.heads + bm % n.heads;
-}
-
+// The tasks (b, q, m) run head by head, queries in order (consecutive tasks are neighbouring queries of one head, whose
+// corner rows overlap and stay in cache), two queries at a time.
 template <typename scalar_t>
 void forward(const Tensor& value_tensor, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
              const scalar_t* locations, const scalar_t* weights, scalar_t* output, const Sizes& n) {
-  using opmath_t = typename Wide<scalar_t>::opmath;
-  const int64_t samples = n.levels * n.points;
-  const int64_t corners = 4 * samples;
-  const int64_t tasks = n.batch * n.queries * n.heads;
-  const int64_t row_stride = n.heads * n.channels;
-  // Pairs of tasks never straddle two heads (their corner rows are summed together and share one base pointer).
-  const int64_t pairs_per_head = (n.queries + 1) / 2;
-  const int64_t pairs_bmq = n.batch * n.heads * pairs_per_head;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, samples * n.channels));
-  const int64_t pairs = (tasks + 1) / 2;
-  if constexpr (std::is_same_v<opmath_t, float>) {
-    if (int32_setup_fits(shapes, n)) {
-      const SampleLevels lv = sample_levels(shapes, starts, n);
-      const int64_t padded = (samples + 7) / 8 * 4 * 8;
-      // The value rows head by head (copy_by_head), one head's rows then share the caches.
-      const int64_t slab = (n.rows + 1) * n.channels;
-      const Tensor by_head_tensor = empty(value_tensor, {n.batch * n.heads * slab}, value_tensor.scalar_type());
-      scalar_t* by_head = by_head_tensor.mutable_data_ptr<scalar_t>();
-      copy_by_head(value, by_head, n);
-      torch::stable::parallel_for(0, pairs_bmq, grain, [&](int64_t begin, int64_t end) {
-        std::vector<int32_t> offset_buffer(2 * padded);
-        std::vector<float> weight_buffer(2 * padded);
-        const int32_t* const offsets[2] = {offset_buffer.data(), offset_buffer.data() + padded};
-        const float* const row_weights[2] = {weight_buffer.data(), weight_buffer.data() + padded};
-        int64_t bm = begin / pairs_per_head, q = 2 * (begin % pairs_per_head);  // then counted, not divided
-        int64_t b = bm / n.heads, m = bm % n.heads;
-        for (int64_t pair = begin; pair < end; ++pair) {
-          if (q >= n.queries) {
-            q = 0;
-            ++bm;
-            if (++m == n.heads) {
-              m = 0;
-              ++b;
-            }
+  if constexpr (std::is_same_v<acc_type<scalar_t>, float>) {
+    const int64_t samples = n.levels * n.points;
+    const int64_t corners = 4 * samples;
+    const int64_t pairs_per_head = (n.queries + 1) / 2;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, samples * n.channels));
+    const SampleLevels lv = sample_levels(shapes, starts, n);
+    const int64_t padded = (samples + 7) / 8 * 4 * 8;
+    // The value rows head by head (copy_by_head), one head's rows then share the caches.
+    const int64_t slab = (n.rows + 1) * n.channels;
+    const Tensor by_head_tensor = empty(value_tensor, {n.batch * n.heads * slab}, value_tensor.scalar_type());
+    scalar_t* by_head = by_head_tensor.mutable_data_ptr<scalar_t>();
+    copy_by_head(value, by_head, n);
+    torch::stable::parallel_for(0, n.batch * n.heads * pairs_per_head, grain, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> offset_buffer(2 * padded);
+      std::vector<float> weight_buffer(2 * padded);
+      const int32_t* const offsets[2] = {offset_buffer.data(), offset_buffer.data() + padded};
+      const float* const row_weights[2] = {weight_buffer.data(), weight_buffer.data() + padded};
+      int64_t bm = begin / pairs_per_head, q = 2 * (begin % pairs_per_head);  // then counted, not divided
+      int64_t b = bm / n.heads, m = bm % n.heads;
+      for (int64_t pair = begin; pair < end; ++pair) {
+        if (q >= n.queries) {
+          q = 0;
+          ++bm;
+          if (++m == n.heads) {
+            m = 0;
+            ++b;
           }
-          const int count_tasks = q + 1 < n.queries ? 2 : 1;
-          scalar_t* out[2] = {nullptr, nullptr};
-          const int64_t first_task = (b * n.queries + q) * n.heads + m;  // (b, q, m)
-          if (q + 2 + kPrefetchQueries < n.queries) {
-            // Tasks of one head are M * L * P samples apart in sampling_locations and attention_weights: a stride
-            // the hardware prefetchers follow poorly. Fetch the pair kPrefetchQueries queries ahead.
-            const int64_t ahead = first_task + kPrefetchQueries * n.heads;
-            for (int64_t at = 0; at < 2 * samples; at += 64 / sizeof(scalar_t)) {
-              __builtin_prefetch(locations + ahead * samples * 2 + at);
-              __builtin_prefetch(locations + (ahead + n.heads) * samples * 2 + at);
-            }
-            for (int64_t at = 0; at < samples; at += 64 / sizeof(scalar_t)) {
-              __builtin_prefetch(weights + ahead * samples + at);
-              __builtin_prefetch(weights + (ahead + n.heads) * samples + at);
-            }
-          }
-          for (int t = 0; t < count_tasks; ++t) {
-            const int64_t task = first_task + t * n.heads;
-            setup_corners(locations + task * samples * 2, weights + task * samples, lv, samples,
-                          static_cast<int32_t>(n.rows), static_cast<int32_t>(n.channels),
-                          offset_buffer.data() + t * padded, weight_buffer.data() + t * padded);
-            out[t] = output + task * n.channels;
-          }
-          sum_corner_rows<scalar_t>(count_tasks, by_head + bm * slab, offsets, row_weights, corners,
-                                    n.channels, out);
-          q += 2;
         }
-      });
-      return;
-    }
-  }
-  // float64, or levels too large for int32 rows: list the valid corners one sample at a time.
-  torch::stable::parallel_for(0, pairs_bmq, grain, [&](int64_t begin, int64_t end) {
-    std::vector<const scalar_t*> row_buffer(2 * corners);
-    std::vector<opmath_t> weight_buffer(2 * corners);
-    for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t bm = pair / pairs_per_head;
-      const int64_t q = 2 * (pair % pairs_per_head);
-      const int count_tasks = q + 1 < n.queries ? 2 : 1;
-      const scalar_t* const* rows[2] = {row_buffer.data(), row_buffer.data() + corners};
-      const opmath_t* row_weights[2] = {weight_buffer.data(), weight_buffer.data() + corners};
-      int64_t count[2] = {0, 0};
-      scalar_t* out[2];
-      for (int t = 0; t < count_tasks; ++t) {
-        const int64_t task = task_of(bm * n.queries + q + t, n);
-        count[t] = list_corners(task, value, shapes, starts, locations, weights, n, row_buffer.data() + t * corners,
-                                weight_buffer.data() + t * corners);
-        out[t] = output + task * n.channels;
+        const int count_tasks = q + 1 < n.queries ? 2 : 1;
+        scalar_t* out[2] = {nullptr, nullptr};
+        const int64_t first_task = (b * n.queries + q) * n.heads + m;  // (b, q, m)
+        if (q + 2 + kPrefetchQueries < n.queries) {
+          // Tasks of one head are M * L * P samples apart in sampling_locations and attention_weights: a stride the
+          // hardware prefetchers follow poorly. Fetch the pair kPrefetchQueries queries ahead.
+          const int64_t ahead = first_task + kPrefetchQueries * n.heads;
+          for (int64_t at = 0; at < 2 * samples; at += 64 / sizeof(scalar_t)) {
+            __builtin_prefetch(locations + ahead * samples * 2 + at);
+            __builtin_prefetch(locations + (ahead + n.heads) * samples * 2 + at);
+          }
+          for (int64_t at = 0; at < samples; at += 64 / sizeof(scalar_t)) {
+            __builtin_prefetch(weights + ahead * samples + at);
+            __builtin_prefetch(weights + (ahead + n.heads) * samples + at);
+          }
+        }
+        for (int t = 0; t < count_tasks; ++t) {
+          const int64_t task = first_task + t * n.heads;
+          setup_corners(locations + task * samples * 2, weights + task * samples, lv, samples,
+                        static_cast<int32_t>(n.rows), static_cast<int32_t>(n.channels),
+                        offset_buffer.data() + t * padded, weight_buffer.data() + t * padded);
+          out[t] = output + task * n.channels;
+        }
+        sum_corner_rows<scalar_t>(count_tasks, by_head + bm * slab, offsets, row_weights, corners, n.channels, out);
+        q += 2;
       }
-      weighted_row_sums<scalar_t>(count_tasks, rows, row_weights, count, n.channels, out);
-    }
-  });
-  (void)tasks;
+    });
+  }
 }
 
 // Undoes the interleaving of the dot products of eight samples' corners: dots[g] holds the corners of samples 2g and
@@ -850,13 +715,14 @@ void backward(const Tensor&, const scalar_t*, const scalar_t*, const int64_t*, c
 #endif
 
 #define MPSEG_INSTANTIATE(T)                                                                                         \
+  template bool forward_supported<T>(const int64_t*, const Sizes&);                                                  \
   template bool backward_supported<T>(const int64_t*, const Sizes&);                                                 \
   template void forward<T>(const Tensor&, const T*, const int64_t*, const int64_t*, const T*, const T*, T*,         \
                            const Sizes&);                                                                            \
   template void backward<T>(const Tensor&, const T*, const T*, const int64_t*, const int64_t*, const T*, const T*,    \
                             acc_type<T>*, T*, T*, const Sizes&);
 MPSEG_INSTANTIATE(float)
-MPSEG_INSTANTIATE(double)
+MPSEG_INSTANTIATE(double)  // forward_supported / backward_supported are false for it
 MPSEG_INSTANTIATE(Half)
 MPSEG_INSTANTIATE(BFloat16)
 #undef MPSEG_INSTANTIATE

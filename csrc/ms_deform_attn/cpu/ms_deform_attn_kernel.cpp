@@ -243,7 +243,7 @@ Tensor forward_cpu(const Tensor& value, const Tensor& spatial_shapes, const Tens
   const Tensor loc = torch::stable::contiguous(sampling_locations);
   const Tensor w = torch::stable::contiguous(attention_weights);
   THO_DISPATCH_V2(value.scalar_type(), "ms_deform_attn_forward_cpu", AT_WRAP([&] {
-    if (avx2::enabled()) {
+    if (avx2::enabled() && avx2::forward_supported<scalar_t>(shapes.const_data_ptr<int64_t>(), n)) {
       avx2::forward<scalar_t>(v, v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
                               starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
                               w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
