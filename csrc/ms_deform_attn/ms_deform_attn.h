@@ -13,6 +13,19 @@
 namespace mpseg {
 namespace msda {
 
+// The tensor inputs of one call made contiguous (the kernels index them as dense arrays; a contiguous tensor is not
+// copied). One place for the CPU and CUDA forward and backward.
+struct DenseInputs {
+  Tensor value, shapes, starts, locations, weights;
+  DenseInputs(const Tensor& value_, const Tensor& spatial_shapes, const Tensor& level_start_index,
+              const Tensor& sampling_locations, const Tensor& attention_weights)
+      : value(torch::stable::contiguous(value_)),
+        shapes(torch::stable::contiguous(spatial_shapes)),
+        starts(torch::stable::contiguous(level_start_index)),
+        locations(torch::stable::contiguous(sampling_locations)),
+        weights(torch::stable::contiguous(attention_weights)) {}
+};
+
 // Sizes of one call: value [B, S, M, D], sampling_locations [B, Q, M, L, P, 2], attention_weights [B, Q, M, L, P].
 struct Sizes {
   int64_t batch, rows, heads, channels, queries, levels, points;

@@ -310,7 +310,9 @@ inline void setup_corners(const scalar_t* loc, const scalar_t* attention, const 
                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lv.start.data() + k))};
     const Corners8 s = setup8(x, y, levels, zero_row, channels);
     __m256 weights[4];
-    for (int c = 0; c < 4; ++c) weights[c] = _mm256_and_ps(_mm256_mul_ps(att, s.weight[c]), _mm256_castsi256_ps(s.valid[c]));
+    for (int c = 0; c < 4; ++c) {
+      weights[c] = _mm256_and_ps(_mm256_mul_ps(att, s.weight[c]), _mm256_castsi256_ps(s.valid[c]));
+    }
     store_interleaved4(reinterpret_cast<float*>(rows + 4 * k), _mm256_castsi256_ps(s.offset[0]),
                        _mm256_castsi256_ps(s.offset[1]), _mm256_castsi256_ps(s.offset[2]),
                        _mm256_castsi256_ps(s.offset[3]));
@@ -324,7 +326,8 @@ inline void setup_corners(const scalar_t* loc, const scalar_t* attention, const 
 // step: the baseline's arithmetic.
 template <typename scalar_t>
 inline void sum_corner_rows(int tasks, const scalar_t* base, const int32_t* const offsets[2],
-                            const float* const row_weights[2], int64_t count, int64_t channels, scalar_t* const out[2]) {
+                            const float* const row_weights[2], int64_t count, int64_t channels,
+                            scalar_t* const out[2]) {
   using W = Wide<scalar_t>;
   using reg = typename W::reg;
   constexpr int64_t kVecs = 4;
@@ -472,8 +475,10 @@ inline void deinterleave4(const __m256 dots[4], __m256 out[4]) {
   // A 4x4 transpose inside each 128-bit half: half 0 gives (s0 s2 s4 s6), half 1 (s1 s3 s5 s7) of each corner.
   const __m256 t0 = _mm256_unpacklo_ps(dots[0], dots[1]), t1 = _mm256_unpackhi_ps(dots[0], dots[1]);
   const __m256 t2 = _mm256_unpacklo_ps(dots[2], dots[3]), t3 = _mm256_unpackhi_ps(dots[2], dots[3]);
-  const __m256 c[4] = {_mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
-                       _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2))};
+  const __m256 c[4] = {_mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
+                       _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2))};
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int k = 0; k < 4; ++k) out[k] = _mm256_permutevar8x32_ps(c[k], order);
 }

@@ -234,23 +234,19 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
 Tensor forward_cpu(const Tensor& value, const Tensor& spatial_shapes, const Tensor& level_start_index,
                        const Tensor& sampling_locations, const Tensor& attention_weights) {
   const Sizes n = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const Tensor shapes = torch::stable::contiguous(spatial_shapes);
-  const Tensor starts = torch::stable::contiguous(level_start_index);
-  check_levels_host(shapes, starts, n.rows);
+  const DenseInputs in(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_levels_host(in.shapes, in.starts, n.rows);
   Tensor output = empty(value, {n.batch, n.queries, n.heads * n.channels}, value.scalar_type());  // fully written
   if (output.numel() == 0) return output;
-  const Tensor v = torch::stable::contiguous(value);
-  const Tensor loc = torch::stable::contiguous(sampling_locations);
-  const Tensor w = torch::stable::contiguous(attention_weights);
   THO_DISPATCH_V2(value.scalar_type(), "ms_deform_attn_forward_cpu", AT_WRAP([&] {
-    if (avx2::enabled() && avx2::forward_supported<scalar_t>(shapes.const_data_ptr<int64_t>(), n)) {
-      avx2::forward<scalar_t>(v, v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-                              starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
-                              w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
+    if (avx2::enabled() && avx2::forward_supported<scalar_t>(in.shapes.const_data_ptr<int64_t>(), n)) {
+      avx2::forward<scalar_t>(in.value, in.value.const_data_ptr<scalar_t>(), in.shapes.const_data_ptr<int64_t>(),
+                              in.starts.const_data_ptr<int64_t>(), in.locations.const_data_ptr<scalar_t>(),
+                              in.weights.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
     } else {
-      forward_kernel<scalar_t>(v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-                               starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
-                               w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
+      forward_kernel<scalar_t>(in.value.const_data_ptr<scalar_t>(), in.shapes.const_data_ptr<int64_t>(),
+                               in.starts.const_data_ptr<int64_t>(), in.locations.const_data_ptr<scalar_t>(),
+                               in.weights.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), n);
     }
   }), AT_FLOATING_TYPES, ScalarType::Half, ScalarType::BFloat16);
   return output;
@@ -263,9 +259,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_output, const
                                                             const Tensor& attention_weights) {
   const Sizes n =
       check_backward_inputs(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  const Tensor shapes = torch::stable::contiguous(spatial_shapes);
-  const Tensor starts = torch::stable::contiguous(level_start_index);
-  check_levels_host(shapes, starts, n.rows);
+  const DenseInputs in(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_levels_host(in.shapes, in.starts, n.rows);
   Tensor grad_value = zeros_like(value);
   Tensor grad_locations = zeros_like(sampling_locations);
   Tensor grad_weights = zeros_like(attention_weights);
@@ -273,24 +268,21 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_output, const
     return {grad_value, grad_locations, grad_weights};
   }
   const Tensor g = torch::stable::contiguous(grad_output);
-  const Tensor v = torch::stable::contiguous(value);
-  const Tensor loc = torch::stable::contiguous(sampling_locations);
-  const Tensor w = torch::stable::contiguous(attention_weights);
   THO_DISPATCH_V2(value.scalar_type(), "ms_deform_attn_backward_cpu", AT_WRAP([&] {
     using opmath_t = acc_type<scalar_t>;
     const bool reduced = !(std::is_same_v<opmath_t, scalar_t>);  // parenthesised: a macro argument
     Tensor acc = reduced ? zeros(value, value.sizes(), scalar_type_of<opmath_t>())
                              : grad_value;
-    if (avx2::enabled() && avx2::backward_supported<scalar_t>(shapes.const_data_ptr<int64_t>(), n)) {
-      avx2::backward<scalar_t>(v, g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                               shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-                               loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+    if (avx2::enabled() && avx2::backward_supported<scalar_t>(in.shapes.const_data_ptr<int64_t>(), n)) {
+      avx2::backward<scalar_t>(in.value, g.const_data_ptr<scalar_t>(), in.value.const_data_ptr<scalar_t>(),
+                               in.shapes.const_data_ptr<int64_t>(), in.starts.const_data_ptr<int64_t>(),
+                               in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>(),
                                acc.mutable_data_ptr<opmath_t>(), grad_locations.mutable_data_ptr<scalar_t>(),
                                grad_weights.mutable_data_ptr<scalar_t>(), n);
     } else {
-      backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                                shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-                                loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+      backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), in.value.const_data_ptr<scalar_t>(),
+                                in.shapes.const_data_ptr<int64_t>(), in.starts.const_data_ptr<int64_t>(),
+                                in.locations.const_data_ptr<scalar_t>(), in.weights.const_data_ptr<scalar_t>(),
                                 acc.mutable_data_ptr<opmath_t>(), grad_locations.mutable_data_ptr<scalar_t>(),
                                 grad_weights.mutable_data_ptr<scalar_t>(), n);
     }

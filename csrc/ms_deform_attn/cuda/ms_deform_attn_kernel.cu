@@ -192,21 +192,17 @@ Tensor forward_cuda(const Tensor& value, const Tensor& spatial_shapes, const Ten
   const torch::stable::accelerator::DeviceGuard guard(value.get_device_index());
   Tensor output = empty(value, {n.batch, n.queries, n.heads * n.channels}, value.scalar_type());  // fully written
   if (output.numel() == 0) return output;
-  const Tensor shapes = torch::stable::contiguous(spatial_shapes);
-  const Tensor starts = torch::stable::contiguous(level_start_index);
-  const Tensor v = torch::stable::contiguous(value);
-  const Tensor loc = torch::stable::contiguous(sampling_locations);
-  const Tensor w = torch::stable::contiguous(attention_weights);
+  const DenseInputs in(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const cudaStream_t stream = current_stream(value.get_device_index());
   THO_DISPATCH_V2(value.scalar_type(), "ms_deform_attn_forward_cuda", AT_WRAP([&] {
     auto launch = [&](auto index) {
       using index_t = decltype(index);
       launch_kernel(forward_kernel<scalar_t, index_t>, blocks_for(output.numel()), kThreads, stream,
-          v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-          loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
-          IndexSizes<index_t>(n));
+          in.value.const_data_ptr<scalar_t>(), in.shapes.const_data_ptr<int64_t>(),
+          in.starts.const_data_ptr<int64_t>(), in.locations.const_data_ptr<scalar_t>(),
+          in.weights.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), IndexSizes<index_t>(n));
     };
-    if (fits_int32(v.numel(), w.numel(), output.numel())) {
+    if (fits_int32(in.value.numel(), in.weights.numel(), output.numel())) {
       launch(int32_t{0});
     } else {
       launch(int64_t{0});
@@ -231,11 +227,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_output, cons
   // Non-deterministic (atomicAdd into grad_value): torch.use_deterministic_algorithms is honoured by the op's autograd
   // rule in Python (mpseg/ops/ms_deform_attn.py), the stable ABI having no call for it.
   const Tensor g = torch::stable::contiguous(grad_output);
-  const Tensor shapes = torch::stable::contiguous(spatial_shapes);
-  const Tensor starts = torch::stable::contiguous(level_start_index);
-  const Tensor v = torch::stable::contiguous(value);
-  const Tensor loc = torch::stable::contiguous(sampling_locations);
-  const Tensor w = torch::stable::contiguous(attention_weights);
+  const DenseInputs in(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const cudaStream_t stream = current_stream(value.get_device_index());
   THO_DISPATCH_V2(value.scalar_type(), "ms_deform_attn_backward_cuda", AT_WRAP([&] {
     using opmath_t = acc_type<scalar_t>;
@@ -248,12 +240,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_output, cons
     auto launch = [&](auto index) {
       using index_t = decltype(index);
       launch_kernel(backward_kernel<scalar_t, index_t>, blocks_for(tasks * kWarpLanes), kThreads, stream,
-          g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-          starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+          g.const_data_ptr<scalar_t>(), in.value.const_data_ptr<scalar_t>(), in.shapes.const_data_ptr<int64_t>(),
+          in.starts.const_data_ptr<int64_t>(), in.locations.const_data_ptr<scalar_t>(),
+          in.weights.const_data_ptr<scalar_t>(),
           acc.mutable_data_ptr<opmath_t>(), grad_locations.mutable_data_ptr<scalar_t>(),
           grad_weights.mutable_data_ptr<scalar_t>(), IndexSizes<index_t>(n), warp_split(n.channels));
     };
-    if (fits_int32(v.numel(), total, g.numel())) {
+    if (fits_int32(in.value.numel(), total, g.numel())) {
       launch(int32_t{0});
     } else {
       launch(int64_t{0});
